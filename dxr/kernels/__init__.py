@@ -1,0 +1,1 @@
+"""Kernel backends: ``reference`` (eager PyTorch, the specification), ``triton`` and ``cuda``."""

@@ -1,0 +1,125 @@
+"""Eager PyTorch reference of every dxr op: the specification each kernel is tested against,
+and the baseline each benchmark compares with.
+
+These functions do no validation (``dxr.ops`` does) and compute in the input dtype except where a
+statistic needs float32, exactly as a careful eager implementation would. Autograd flows through
+them natively.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, *, silu=True):
+    """``silu(group_norm(x))`` for x of shape (N, C, *); ``silu=False`` is plain GroupNorm."""
+    y = F.group_norm(x, num_groups, weight, bias, eps)
+    return F.silu(y) if silu else y
+
+
+def adain(x, scale, shift, eps=1e-5):
+    """Adaptive instance norm: per (n, c), normalise over the spatial dims with the biased variance,
+    then ``* scale[n, c] + shift[n, c]``. x is (N, C, *), scale and shift are (N, C)."""
+    dims = tuple(range(2, x.dim()))
+    xf = x.float()
+    var, mean = torch.var_mean(xf, dim=dims, keepdim=True, correction=0)
+    y = (xf - mean) * torch.rsqrt(var + eps)
+    extra = (1,) * (x.dim() - 2)
+    y = y * scale.float().reshape(*scale.shape, *extra) + shift.float().reshape(*shift.shape, *extra)
+    return y.to(x.dtype)
+
+
+def attention(q, k, v, scale=None):
+    """``softmax(q @ kᵀ · scale) @ v`` with q (B, H, Lq, D), k and v (B, H, Lk, D); no mask, non-causal.
+    The softmax runs in float32."""
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    s = torch.matmul(q, k.transpose(-2, -1)).float() * scale
+    p = torch.softmax(s, dim=-1).to(v.dtype)
+    return torch.matmul(p, v)
+
+
+def _per_sample(values, t, ndim):
+    """Gather ``values[t]`` (float32) and shape it to broadcast over a batch of rank ``ndim``."""
+    return values.float()[t].reshape(-1, *([1] * (ndim - 1)))
+
+
+def q_sample(x0, noise, t, alphas_cumprod):
+    """Forward diffusion: ``sqrt(ᾱ_t)·x0 + sqrt(1-ᾱ_t)·noise`` for per-sample timesteps t (N,)."""
+    ab = _per_sample(alphas_cumprod, t, x0.dim())
+    return (ab.sqrt() * x0.float() + (1 - ab).sqrt() * noise.float()).to(x0.dtype)
+
+
+def predict_x0(x_t, model_out, ab, prediction):
+    """x0 from the model output, with ᾱ_t broadcast to x_t: eps- or v-parameterisation."""
+    if prediction == "eps":
+        return (x_t - (1 - ab).sqrt() * model_out) / ab.sqrt()
+    return ab.sqrt() * x_t - (1 - ab).sqrt() * model_out
+
+
+def predict_eps(x_t, model_out, ab, prediction):
+    """eps from the model output, with ᾱ_t broadcast to x_t."""
+    if prediction == "eps":
+        return model_out
+    return (1 - ab).sqrt() * x_t + ab.sqrt() * model_out
+
+
+def _gaussian(like, noise, seed):
+    if noise is not None:
+        return noise.float()
+    gen = torch.Generator(device=like.device)
+    gen.manual_seed(int(seed))
+    return torch.randn(like.shape, generator=gen, device=like.device, dtype=torch.float32)
+
+
+def ddpm_step(x_t, model_out, t, alphas_cumprod, *, prediction="eps", clip_x0=None,
+              variance="small", noise=None, seed=None):
+    """One ancestral DDPM step x_t → x_{t-1} (Ho et al. 2020, eq. 6–7).
+
+    ᾱ_{t-1} is 1 at t = 0, where no noise is added. ``variance`` "small" is the posterior
+    variance β̃_t = β_t(1-ᾱ_{t-1})/(1-ᾱ_t), "large" is β_t. ``noise`` (the z of the step) wins over
+    ``seed``; with neither, a seed is drawn from torch's default generator.
+    """
+    nd = x_t.dim()
+    xf, mf = x_t.float(), model_out.float()
+    ab = _per_sample(alphas_cumprod, t, nd)
+    ab_prev = torch.where(t > 0, alphas_cumprod.float()[(t - 1).clamp(min=0)], 1.0).reshape(ab.shape)
+    beta = 1 - ab / ab_prev
+    x0 = predict_x0(xf, mf, ab, prediction)
+    if clip_x0 is not None:
+        x0 = x0.clamp(-clip_x0, clip_x0)
+    mean = (beta * ab_prev.sqrt() / (1 - ab)) * x0 + ((1 - ab_prev) * (1 - beta).sqrt() / (1 - ab)) * xf
+    var = beta * (1 - ab_prev) / (1 - ab) if variance == "small" else beta
+    z = _gaussian(x_t, noise, seed)
+    nonzero = (t > 0).float().reshape(ab.shape)
+    return (mean + nonzero * var.sqrt() * z).to(x_t.dtype)
+
+
+def ddim_step(x_t, model_out, t, t_prev, alphas_cumprod, *, eta=0.0, prediction="eps", clip_x0=None,
+              noise=None, seed=None):
+    """One DDIM step x_t → x_{t_prev} (Song et al. 2021, eq. 12); ``t_prev < 0`` means ᾱ_prev = 1.
+
+    When x0 is clamped, eps is recomputed from the clamped x0 so the step stays on its trajectory.
+    """
+    nd = x_t.dim()
+    xf, mf = x_t.float(), model_out.float()
+    ab = _per_sample(alphas_cumprod, t, nd)
+    ab_prev = torch.where(t_prev >= 0, alphas_cumprod.float()[t_prev.clamp(min=0)], 1.0).reshape(ab.shape)
+    x0 = predict_x0(xf, mf, ab, prediction)
+    eps = predict_eps(xf, mf, ab, prediction)
+    if clip_x0 is not None:
+        x0 = x0.clamp(-clip_x0, clip_x0)
+        eps = (xf - ab.sqrt() * x0) / (1 - ab).sqrt()
+    sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).clamp(min=0).sqrt()
+    direction = (1 - ab_prev - sigma**2).clamp(min=0).sqrt() * eps
+    out = ab_prev.sqrt() * x0 + direction
+    if eta != 0:
+        out = out + sigma * _gaussian(x_t, noise, seed)
+    return out.to(x_t.dtype)
+
+
+__all__ = [
+    "group_norm_silu", "adain", "attention", "q_sample", "ddpm_step", "ddim_step",
+    "predict_x0", "predict_eps",
+]
