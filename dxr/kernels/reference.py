@@ -1,15 +1,20 @@
 """Eager PyTorch reference of every dxr op: the specification each kernel is tested against,
 and the baseline each benchmark compares with.
 
-These functions do no validation (``dxr.ops`` does) and compute in the input dtype except where a
-statistic needs float32, exactly as a careful eager implementation would. Autograd flows through
-them natively.
+These functions do no validation (``dxr.ops`` does). Statistics, softmax and the sampler arithmetic
+run in float32 for half-precision inputs (float64 stays float64); results come back in the input
+dtype, as a careful eager implementation would do. Autograd flows through them natively.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+
+def _acc(x):
+    """x in its accumulation dtype: float32 for half types, float64 stays float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, *, silu=True):
@@ -22,11 +27,11 @@ def adain(x, scale, shift, eps=1e-5):
     """Adaptive instance norm: per (n, c), normalise over the spatial dims with the biased variance,
     then ``* scale[n, c] + shift[n, c]``. x is (N, C, *), scale and shift are (N, C)."""
     dims = tuple(range(2, x.dim()))
-    xf = x.float()
+    xf = _acc(x)
     var, mean = torch.var_mean(xf, dim=dims, keepdim=True, correction=0)
     y = (xf - mean) * torch.rsqrt(var + eps)
     extra = (1,) * (x.dim() - 2)
-    y = y * scale.float().reshape(*scale.shape, *extra) + shift.float().reshape(*shift.shape, *extra)
+    y = y * _acc(scale).reshape(*scale.shape, *extra) + _acc(shift).reshape(*shift.shape, *extra)
     return y.to(x.dtype)
 
 
@@ -35,20 +40,20 @@ def attention(q, k, v, scale=None):
     The softmax runs in float32."""
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    s = torch.matmul(q, k.transpose(-2, -1)).float() * scale
+    s = _acc(torch.matmul(q, k.transpose(-2, -1))) * scale
     p = torch.softmax(s, dim=-1).to(v.dtype)
     return torch.matmul(p, v)
 
 
 def _per_sample(values, t, ndim):
-    """Gather ``values[t]`` (float32) and shape it to broadcast over a batch of rank ``ndim``."""
-    return values.float()[t].reshape(-1, *([1] * (ndim - 1)))
+    """Gather ``values[t]`` (at least float32) and shape it to broadcast over a batch of rank ``ndim``."""
+    return _acc(values)[t].reshape(-1, *([1] * (ndim - 1)))
 
 
 def q_sample(x0, noise, t, alphas_cumprod):
     """Forward diffusion: ``sqrt(ᾱ_t)·x0 + sqrt(1-ᾱ_t)·noise`` for per-sample timesteps t (N,)."""
     ab = _per_sample(alphas_cumprod, t, x0.dim())
-    return (ab.sqrt() * x0.float() + (1 - ab).sqrt() * noise.float()).to(x0.dtype)
+    return (ab.sqrt() * _acc(x0) + (1 - ab).sqrt() * _acc(noise)).to(x0.dtype)
 
 
 def predict_x0(x_t, model_out, ab, prediction):
@@ -67,7 +72,7 @@ def predict_eps(x_t, model_out, ab, prediction):
 
 def _gaussian(like, noise, seed):
     if noise is not None:
-        return noise.float()
+        return _acc(noise)
     gen = torch.Generator(device=like.device)
     gen.manual_seed(int(seed))
     return torch.randn(like.shape, generator=gen, device=like.device, dtype=torch.float32)
@@ -82,9 +87,9 @@ def ddpm_step(x_t, model_out, t, alphas_cumprod, *, prediction="eps", clip_x0=No
     ``seed``; with neither, a seed is drawn from torch's default generator.
     """
     nd = x_t.dim()
-    xf, mf = x_t.float(), model_out.float()
+    xf, mf = _acc(x_t), _acc(model_out)
     ab = _per_sample(alphas_cumprod, t, nd)
-    ab_prev = torch.where(t > 0, alphas_cumprod.float()[(t - 1).clamp(min=0)], 1.0).reshape(ab.shape)
+    ab_prev = torch.where(t > 0, _acc(alphas_cumprod)[(t - 1).clamp(min=0)], 1.0).reshape(ab.shape)
     beta = 1 - ab / ab_prev
     x0 = predict_x0(xf, mf, ab, prediction)
     if clip_x0 is not None:
@@ -92,7 +97,7 @@ def ddpm_step(x_t, model_out, t, alphas_cumprod, *, prediction="eps", clip_x0=No
     mean = (beta * ab_prev.sqrt() / (1 - ab)) * x0 + ((1 - ab_prev) * (1 - beta).sqrt() / (1 - ab)) * xf
     var = beta * (1 - ab_prev) / (1 - ab) if variance == "small" else beta
     z = _gaussian(x_t, noise, seed)
-    nonzero = (t > 0).float().reshape(ab.shape)
+    nonzero = (t > 0).to(ab.dtype).reshape(ab.shape)
     return (mean + nonzero * var.sqrt() * z).to(x_t.dtype)
 
 
@@ -103,9 +108,9 @@ def ddim_step(x_t, model_out, t, t_prev, alphas_cumprod, *, eta=0.0, prediction=
     When x0 is clamped, eps is recomputed from the clamped x0 so the step stays on its trajectory.
     """
     nd = x_t.dim()
-    xf, mf = x_t.float(), model_out.float()
+    xf, mf = _acc(x_t), _acc(model_out)
     ab = _per_sample(alphas_cumprod, t, nd)
-    ab_prev = torch.where(t_prev >= 0, alphas_cumprod.float()[t_prev.clamp(min=0)], 1.0).reshape(ab.shape)
+    ab_prev = torch.where(t_prev >= 0, _acc(alphas_cumprod)[t_prev.clamp(min=0)], 1.0).reshape(ab.shape)
     x0 = predict_x0(xf, mf, ab, prediction)
     eps = predict_eps(xf, mf, ab, prediction)
     if clip_x0 is not None:
