@@ -1,0 +1,389 @@
+"""Fused noise-schedule kernels: forward diffusion (q_sample), one DDPM step and one DDIM step.
+
+Each op is one launch. A program handles one chunk of one sample: it gathers ᾱ[t] (and ᾱ_prev) for
+its sample on the device, computes the per-sample coefficients once, then streams its chunk of
+x / model output (/ noise) in float32 and writes the result in x's dtype. Nothing is read back to the
+host, so a sampling loop built on these kernels can be captured in a CUDA graph.
+
+Layout. The kernels see each tensor as N runs of S = numel / N elements, sample n starting at
+element n·S. The output is ``torch.empty_like(x)`` (x's dtype and strides); when that layout keeps
+each sample in one run (contiguous, channels_last, or any dense layout with N outermost) and the
+other inputs share it, the kernels read them in place; otherwise the inputs are copied into one
+such layout first (and the result copied back into the output).
+
+Coefficient precision. ᾱ is gathered in the precision the reference computes in: float64 for a
+float64 schedule, float32 otherwise. The per-sample coefficients (square roots, ratios, σ) are
+computed once per program in that precision with IEEE-rounded division and square root, then cast
+to float32; the elementwise work is float32 whatever the input dtype.
+
+In-kernel noise. When no noise tensor is given, z is drawn with Philox (``tl.randn4x``) keyed by
+``seed``: one Philox counter yields four normals for four consecutive elements of a sample, so
+element i (0 ≤ i < S, in memory order) of sample n takes normal ``i % 4`` of counter
+``n·⌈S/4⌉ + ⌊i/4⌋``; when S is a multiple of 4 that is counter ``flat // 4``, lane ``flat % 4``.
+The stream is a function of (seed, S) and the element's position only, not of the block size, so
+every tuning choice gives the same z: same seed → bitwise the same result. (One Philox call per four elements rather than per
+element keeps the generator from becoming the bottleneck of an otherwise memory-bound step.)
+
+Tuning. On a GPU the block size is autotuned per S on the first call; make that call before
+capturing a sampling loop in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_SEED_LIMIT = 2**63
+
+
+def _configs():
+    # the interpreter cannot benchmark configs ("0 active drivers"), and a big block keeps it fast
+    if _INTERPRET:
+        return [triton.Config({"BLOCK": 4096}, num_warps=4)]
+    return [
+        triton.Config({"BLOCK": block}, num_warps=warps)
+        for block, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 8), (8192, 16))
+    ]
+
+
+# --------------------------------------------------------------------------------------------------
+# shared device helpers
+
+
+@triton.jit
+def _chunk(S, BLOCK: tl.constexpr):
+    """This program's sample n, the element offset of its chunk, its (BLOCK // 4, 4) offsets within
+    the chunk with their mask, and the Philox counter of the chunk's first row of four elements."""
+    pid = tl.program_id(0).to(tl.int64)
+    chunks = tl.cdiv(S, BLOCK)
+    n = pid // chunks
+    start = (pid - n * chunks) * BLOCK
+    local = tl.arange(0, BLOCK // 4)[:, None] * 4 + tl.arange(0, 4)[None, :]
+    mask = local < tl.minimum(S - start, BLOCK).to(tl.int32)
+    counter0 = n * tl.cdiv(S, 4) + start // 4
+    return n, n * S + start, local, mask, counter0
+
+
+@triton.jit
+def _load_f32(ptr, offsets, mask):
+    # half types become float32 at once: arithmetic on raw bf16 is wrong under the interpreter
+    return tl.load(ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _gaussian(seed, counter0, ROWS: tl.constexpr):
+    """(ROWS, 4) standard normals: row r holds the four normals of Philox counter ``counter0 + r``."""
+    z0, z1, z2, z3 = tl.randn4x(seed, counter0 + tl.arange(0, ROWS))
+    lane = tl.arange(0, 4)[None, :]
+    return tl.where(lane == 0, z0[:, None],
+                    tl.where(lane == 1, z1[:, None], tl.where(lane == 2, z2[:, None], z3[:, None])))
+
+
+@triton.jit
+def _alpha_bar(acp_ptr, acp_stride, index):
+    """ᾱ[index] in the coefficient precision: float64 for a float64 schedule, float32 otherwise."""
+    a = tl.load(acp_ptr + index * acp_stride)
+    if a.dtype != tl.float64:
+        a = a.to(tl.float32)
+    return a
+
+
+@triton.jit
+def _sqrt(a):
+    # tl.sqrt is an approximation in float32 on a GPU; the coefficients need IEEE rounding
+    if a.dtype == tl.float32:
+        r = tl.sqrt_rn(a)
+    else:
+        r = tl.sqrt(a)
+    return r
+
+
+@triton.jit
+def _div(a, b):
+    # float32 "/" is an approximate division on a GPU; float64 "/" is already IEEE-rounded
+    if b.dtype == tl.float32:
+        r = tl.div_rn(a, b)
+    else:
+        r = a / b
+    return r
+
+
+@triton.jit
+def _predict_x0(x, m, sqrt_ab, sqrt_1m_ab, inv_sqrt_ab, PRED_V: tl.constexpr):
+    """x0 from x_t and the model output: v-prediction, or eps-prediction (x - √(1-ᾱ)·eps) / √ᾱ."""
+    if PRED_V:
+        x0 = sqrt_ab * x - sqrt_1m_ab * m
+    else:
+        x0 = (x - sqrt_1m_ab * m) * inv_sqrt_ab
+    return x0
+
+
+# --------------------------------------------------------------------------------------------------
+# kernels
+
+
+@triton.autotune(configs=_configs(), key=["S"])
+@triton.jit
+def _q_sample_kernel(
+    out_ptr,  # x_t, x0's dtype, N runs of S elements
+    x0_ptr,  # clean sample x0, same layout
+    noise_ptr,  # noise, same layout (any float dtype)
+    t_ptr,  # int64 timestep per sample
+    t_stride,  # element stride of t
+    acp_ptr,  # ᾱ per timestep (float16 to float64)
+    acp_stride,  # element stride of alphas_cumprod
+    S,  # elements per sample
+    BLOCK: tl.constexpr,  # elements per program
+):
+    n, base, local, mask, _ = _chunk(S, BLOCK)
+    ab = _alpha_bar(acp_ptr, acp_stride, tl.load(t_ptr + n * t_stride))
+    c_x0 = _sqrt(ab).to(tl.float32)
+    c_noise = _sqrt(1.0 - ab).to(tl.float32)
+    x0 = _load_f32(x0_ptr + base, local, mask)
+    noise = _load_f32(noise_ptr + base, local, mask)
+    out = c_x0 * x0 + c_noise * noise
+    tl.store(out_ptr + base + local, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=_configs(), key=["S"])
+@triton.jit(do_not_specialize=["seed"])
+def _ddpm_step_kernel(
+    out_ptr,  # x_{t-1}, x_t's dtype, N runs of S elements
+    x_ptr,  # x_t, same layout
+    model_ptr,  # model output (eps or v), same layout
+    noise_ptr,  # z of the step, same layout; None when DRAW_NOISE
+    t_ptr,  # int64 timestep per sample
+    t_stride,  # element stride of t
+    acp_ptr,  # ᾱ per timestep (float16 to float64)
+    acp_stride,  # element stride of alphas_cumprod
+    clip,  # x0 is clamped to [-clip, clip] when CLIP
+    seed,  # Philox key of the in-kernel noise (read when DRAW_NOISE)
+    S,  # elements per sample
+    PRED_V: tl.constexpr,  # model_out is v (else eps)
+    CLIP: tl.constexpr,  # clamp the predicted x0
+    LARGE_VAR: tl.constexpr,  # σ² = β_t (else the posterior variance β̃_t)
+    DRAW_NOISE: tl.constexpr,  # draw z with Philox instead of reading noise_ptr
+    BLOCK: tl.constexpr,  # elements per program
+):
+    n, base, local, mask, counter0 = _chunk(S, BLOCK)
+    t = tl.load(t_ptr + n * t_stride)
+    ab = _alpha_bar(acp_ptr, acp_stride, t)
+    ab_prev = tl.where(t > 0, _alpha_bar(acp_ptr, acp_stride, tl.maximum(t - 1, 0)), 1.0)
+    beta = 1.0 - _div(ab, ab_prev)
+    sqrt_ab = _sqrt(ab)
+    sqrt_1m_ab = _sqrt(1.0 - ab)
+    inv_sqrt_ab = _div(1.0, sqrt_ab)
+    c_x0 = _div(beta * _sqrt(ab_prev), 1.0 - ab)
+    c_xt = _div((1.0 - ab_prev) * _sqrt(1.0 - beta), 1.0 - ab)
+    if LARGE_VAR:
+        var = beta
+    else:
+        var = _div(beta * (1.0 - ab_prev), 1.0 - ab)
+    sigma = tl.where(t > 0, _sqrt(var), 0.0).to(tl.float32)
+
+    x = _load_f32(x_ptr + base, local, mask)
+    m = _load_f32(model_ptr + base, local, mask)
+    x0 = _predict_x0(x, m, sqrt_ab.to(tl.float32), sqrt_1m_ab.to(tl.float32), inv_sqrt_ab.to(tl.float32), PRED_V)
+    if CLIP:
+        x0 = tl.clamp(x0, -clip, clip)
+    mean = c_x0.to(tl.float32) * x0 + c_xt.to(tl.float32) * x
+    if DRAW_NOISE:
+        z = _gaussian(seed, counter0, BLOCK // 4)
+    else:
+        z = _load_f32(noise_ptr + base, local, mask)
+    out = mean + sigma * z
+    tl.store(out_ptr + base + local, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=_configs(), key=["S"])
+@triton.jit(do_not_specialize=["seed"])
+def _ddim_step_kernel(
+    out_ptr,  # x_{t_prev}, x_t's dtype, N runs of S elements
+    x_ptr,  # x_t, same layout
+    model_ptr,  # model output (eps or v), same layout
+    noise_ptr,  # z of the step, same layout; None when DRAW_NOISE or not ADD_NOISE
+    t_ptr,  # int64 timestep per sample
+    t_stride,  # element stride of t
+    t_prev_ptr,  # int64 previous timestep per sample, -1 for the last step (ᾱ_prev = 1)
+    t_prev_stride,  # element stride of t_prev
+    acp_ptr,  # ᾱ per timestep (float16 to float64)
+    acp_stride,  # element stride of alphas_cumprod
+    eta,  # DDIM η: σ = η·√((1-ᾱ_prev)/(1-ᾱ)·(1-ᾱ/ᾱ_prev))
+    clip,  # x0 is clamped to [-clip, clip] when CLIP
+    seed,  # Philox key of the in-kernel noise (read when DRAW_NOISE)
+    S,  # elements per sample
+    PRED_V: tl.constexpr,  # model_out is v (else eps)
+    CLIP: tl.constexpr,  # clamp the predicted x0 and recompute eps from it
+    ADD_NOISE: tl.constexpr,  # η > 0: add σ·z
+    DRAW_NOISE: tl.constexpr,  # draw z with Philox instead of reading noise_ptr
+    BLOCK: tl.constexpr,  # elements per program
+):
+    n, base, local, mask, counter0 = _chunk(S, BLOCK)
+    t = tl.load(t_ptr + n * t_stride)
+    t_prev = tl.load(t_prev_ptr + n * t_prev_stride)
+    ab = _alpha_bar(acp_ptr, acp_stride, t)
+    ab_prev = tl.where(t_prev >= 0, _alpha_bar(acp_ptr, acp_stride, tl.maximum(t_prev, 0)), 1.0)
+    sqrt_ab = _sqrt(ab)
+    sqrt_1m_ab = _sqrt(1.0 - ab)
+    inv_sqrt_ab = _div(1.0, sqrt_ab)
+    sigma = eta * _sqrt(tl.maximum(_div(1.0 - ab_prev, 1.0 - ab) * (1.0 - _div(ab, ab_prev)), 0.0))
+    c_eps = _sqrt(tl.maximum(1.0 - ab_prev - sigma * sigma, 0.0))
+    c_x0 = _sqrt(ab_prev)
+
+    x = _load_f32(x_ptr + base, local, mask)
+    m = _load_f32(model_ptr + base, local, mask)
+    sqrt_ab32 = sqrt_ab.to(tl.float32)
+    sqrt_1m_ab32 = sqrt_1m_ab.to(tl.float32)
+    x0 = _predict_x0(x, m, sqrt_ab32, sqrt_1m_ab32, inv_sqrt_ab.to(tl.float32), PRED_V)
+    if CLIP:
+        x0 = tl.clamp(x0, -clip, clip)
+        # eps recomputed from the clamped x0 keeps the step on the trajectory through it
+        eps = (x - sqrt_ab32 * x0) * _div(1.0, sqrt_1m_ab).to(tl.float32)
+    elif PRED_V:
+        eps = sqrt_1m_ab32 * x + sqrt_ab32 * m
+    else:
+        eps = m
+    out = c_x0.to(tl.float32) * x0 + c_eps.to(tl.float32) * eps
+    if ADD_NOISE:
+        if DRAW_NOISE:
+            z = _gaussian(seed, counter0, BLOCK // 4)
+        else:
+            z = _load_f32(noise_ptr + base, local, mask)
+        out = out + sigma.to(tl.float32) * z
+    tl.store(out_ptr + base + local, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# launchers
+
+
+def _same_offsets(a: Tensor, b: Tensor) -> bool:
+    """Whether a and b (one shape) place every element at the same offset (size-1 dims never move)."""
+    return all(sa == sb for sa, sb, size in zip(a.stride(), b.stride(), a.shape) if size > 1)
+
+
+def _samples_are_runs(dense: Tensor) -> bool:
+    """Whether the dense tensor stores each sample as one run of numel / N elements (N outermost)."""
+    n = dense.shape[0]
+    return n == 1 or dense.stride(0) == dense.numel() // n
+
+
+def _prepare(x: Tensor, *others: Optional[Tensor]):
+    """The output ``empty_like(x)``, the buffer the kernel writes (the output itself when it keeps each
+    sample in one run), and x and ``others`` in that buffer's layout (copied only where they differ)."""
+    out = torch.empty_like(x)
+    work = out if _samples_are_runs(out) else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    inputs = [None if t is None else t if _same_offsets(t, work) else torch.empty_like(work, dtype=t.dtype).copy_(t)
+              for t in (x, *others)]
+    return out, work, inputs
+
+
+def _finish(out: Tensor, work: Tensor) -> Tensor:
+    if work is not out:
+        out.copy_(work)
+    return out
+
+
+def _on_device(x: Tensor):
+    # Triton launches on the current CUDA device, which need not be x's
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _grid(x: Tensor):
+    n = x.shape[0]
+    per_sample = x.numel() // n
+    return per_sample, lambda meta: (n * triton.cdiv(per_sample, meta["BLOCK"]),)
+
+
+def _check_choice(name: str, value: str, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _check_seed(seed: int) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < _SEED_LIMIT:
+        raise ValueError(f"seed must be an int in [0, 2**63) (the 64-bit Philox key), got {seed!r}")
+
+
+def q_sample(x0: Tensor, noise: Tensor, t: Tensor, alphas_cumprod: Tensor) -> Tensor:
+    """Forward diffusion ``sqrt(ᾱ[t])·x0 + sqrt(1-ᾱ[t])·noise`` in one launch.
+
+    x0: (N, *) float32, float16 or bfloat16, any layout; noise: x0's shape, any float dtype;
+    t: integer (N,) on x0's device; alphas_cumprod: 1-D float schedule on x0's device (float64 keeps
+    float64 coefficients). Returns a tensor with x0's dtype and strides. Validation is dxr.ops'.
+    """
+    out, work, (x0, noise) = _prepare(x0, noise)
+    if out.numel() == 0:
+        return out
+    per_sample, grid = _grid(out)
+    with _on_device(out):
+        _q_sample_kernel[grid](work, x0, noise, t, t.stride(0), alphas_cumprod, alphas_cumprod.stride(0), per_sample)
+    return _finish(out, work)
+
+
+def ddpm_step(x_t: Tensor, model_out: Tensor, t: Tensor, alphas_cumprod: Tensor, prediction: str,
+              clip_x0: Optional[float], variance: str, noise: Optional[Tensor], seed: int) -> Tensor:
+    """One ancestral DDPM step x_t → x_{t-1} in one launch (semantics of ``reference.ddpm_step``).
+
+    x_t, model_out: (N, *) float32, float16 or bfloat16 of one shape, any layout; t: integer (N,) on
+    x_t's device; alphas_cumprod: 1-D float schedule on the device; prediction "eps" or "v";
+    clip_x0 a positive bound or None; variance "small" (β̃_t) or "large" (β_t). ``noise`` (x_t's shape,
+    any float dtype) is the z of the step; when None, z is drawn in-kernel from ``seed`` (see the
+    module docstring for the stream). No noise where t == 0. Returns a tensor with x_t's dtype and
+    strides. Raises ValueError for an unknown prediction or variance, or a seed outside [0, 2**63).
+    """
+    _check_choice("prediction", prediction, ("eps", "v"))
+    _check_choice("variance", variance, ("small", "large"))
+    if noise is None:
+        _check_seed(seed)
+    out, work, (x_t, model_out, noise) = _prepare(x_t, model_out, noise)
+    if out.numel() == 0:
+        return out
+    per_sample, grid = _grid(out)
+    with _on_device(out):
+        _ddpm_step_kernel[grid](
+            work, x_t, model_out, noise, t, t.stride(0), alphas_cumprod, alphas_cumprod.stride(0),
+            0.0 if clip_x0 is None else float(clip_x0), seed if noise is None else 0, per_sample,
+            PRED_V=prediction == "v", CLIP=clip_x0 is not None, LARGE_VAR=variance == "large",
+            DRAW_NOISE=noise is None,
+        )
+    return _finish(out, work)
+
+
+def ddim_step(x_t: Tensor, model_out: Tensor, t: Tensor, t_prev: Tensor, alphas_cumprod: Tensor, eta: float,
+              prediction: str, clip_x0: Optional[float], noise: Optional[Tensor], seed: int) -> Tensor:
+    """One DDIM step x_t → x_{t_prev} in one launch (semantics of ``reference.ddim_step``).
+
+    Shapes and dtypes as :func:`ddpm_step`; t_prev: integer (N,), -1 marking the last step (ᾱ_prev = 1);
+    eta ≥ 0. With eta == 0 the step is deterministic and ``noise``/``seed`` are ignored; with eta > 0,
+    σ·z is added, z being ``noise`` or, when None, drawn in-kernel from ``seed`` (see the module
+    docstring). When x0 is clamped, eps is recomputed from the clamped x0. Returns a tensor with x_t's
+    dtype and strides. Raises ValueError for an unknown prediction, or a seed outside [0, 2**63).
+    """
+    _check_choice("prediction", prediction, ("eps", "v"))
+    add_noise = eta != 0
+    draw_noise = add_noise and noise is None
+    if draw_noise:
+        _check_seed(seed)
+    out, work, (x_t, model_out, noise) = _prepare(x_t, model_out, noise if add_noise else None)
+    if out.numel() == 0:
+        return out
+    per_sample, grid = _grid(out)
+    with _on_device(out):
+        _ddim_step_kernel[grid](
+            work, x_t, model_out, noise, t, t.stride(0), t_prev, t_prev.stride(0), alphas_cumprod,
+            alphas_cumprod.stride(0), float(eta), 0.0 if clip_x0 is None else float(clip_x0),
+            seed if draw_noise else 0, per_sample,
+            PRED_V=prediction == "v", CLIP=clip_x0 is not None, ADD_NOISE=add_noise, DRAW_NOISE=draw_noise,
+        )
+    return _finish(out, work)
+
+
+__all__ = ["q_sample", "ddpm_step", "ddim_step"]
