@@ -97,7 +97,7 @@ def _alpha_bar(acp_ptr, acp_stride, index):
 
 @triton.jit
 def _sqrt(a):
-    # tl.sqrt is an approximation in float32 on a GPU; the coefficients need IEEE rounding
+    # tl.sqrt is approximate in float32 on a GPU, and near ᾱ = 1 the coefficients amplify any rounding
     if a.dtype == tl.float32:
         r = tl.sqrt_rn(a)
     else:
