@@ -438,8 +438,8 @@ def _require_clip(clip_x0: Optional[float]) -> Optional[float]:
 def _fresh_seed(seed: Optional[int]) -> int:
     """The given seed, or one drawn from torch's default (CPU) generator: no device sync."""
     if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be an int in [0, 2**63) or None, got {seed!r}")
         return seed
     return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
 
@@ -462,8 +462,9 @@ def ddpm_step(x_t: Tensor, model_out: Tensor, t, alphas_cumprod: Tensor, *, pred
               seed: Optional[int] = None, backend: Optional[str] = None) -> Tensor:
     """One ancestral DDPM step x_t → x_{t-1} (see ``reference.ddpm_step`` for the equations).
 
-    ``noise`` is the z of the step; when None the kernels draw it in-kernel (Philox, keyed by
-    ``seed``, counter = element index), so pass a different seed at every step of a sampling loop.
+    ``noise`` is the z of the step; when None the kernels draw it in-kernel (Philox keyed by ``seed``;
+    one counter gives four normals for four consecutive elements of a sample, see
+    ``dxr.kernels.triton.sampler``), so pass a different seed at every step of a sampling loop.
     Same seed → same result on the same backend. t == 0 adds no noise.
     """
     _require_pair("x_t", x_t, "model_out", model_out)

@@ -91,7 +91,8 @@ def _schedule():
         (dict(variance="learned"), ValueError, "variance must be one of"),
         (dict(clip_x0=-1.0), ValueError, "clip_x0 must be a positive bound"),
         (dict(alphas_cumprod=torch.rand(3, 3)), ValueError, "alphas_cumprod must be a non-empty 1-D tensor"),
-        (dict(seed=-3), ValueError, "seed must be a non-negative int"),
+        (dict(seed=-3), ValueError, "seed must be an int in [0, 2**63)"),
+        (dict(seed=2**63), ValueError, "seed must be an int in [0, 2**63)"),
         (dict(x_t=torch.ones(2, 3, 4, dtype=torch.int64)), TypeError, "x_t must be a floating-point"),
     ],
 )
