@@ -277,20 +277,45 @@ class DRRRenderer:
         b = rest[1] if c == rest[0] else rest[0]
         return a, b, c
 
+    def _plane_positions(self, n_a: int) -> tuple[Tensor, Tensor]:
+        """Index of the slice below each plane (−1 before the first) and the linear weight of the next."""
+        centres = (torch.arange(self.n_samples, dtype=torch.float64) + 0.5) * (n_a / self.n_samples) - 0.5
+        low = torch.floor(centres)
+        return low.long(), (centres - low).to(torch.float32)
+
+    def _resample(self, axes: tuple[int, int, int], which: Tensor) -> Tensor:
+        """Planes ``which`` (int64 indices) of the stack for ``axes``, in the volume's dtype."""
+        a, b, c = axes
+        volume = self.mu.permute(a, b, c)
+        low, frac = self._plane_positions(volume.shape[0])
+        low, frac = low[which], frac[which].to(self.mu.device).view(-1, 1, 1)
+        below = low.clamp_min(0).to(self.mu.device)
+        above = (low + 1).clamp_max(volume.shape[0] - 1).to(self.mu.device)
+        # zero outside the volume: a plane before the first slice or after the last fades to air
+        w_below = ((1 - frac) * (low >= 0).view(-1, 1, 1).to(frac))
+        w_above = frac * (low + 1 <= volume.shape[0] - 1).view(-1, 1, 1).to(frac)
+        stack = volume[below].float() * w_below + volume[above].float() * w_above
+        return stack.to(self.mu.dtype)
+
     def planes(self, axes: tuple[int, int, int]) -> Tensor:
         """(n_samples, N_b, N_c) attenuation on the sweep planes: linear along axis a, zero beyond the volume."""
         if axes not in self._planes:
-            a, b, c = axes
-            volume = self.mu.permute(a, b, c)
-            n_a = volume.shape[0]
-            centres = (torch.arange(self.n_samples, dtype=torch.float64) + 0.5) * (n_a / self.n_samples) - 0.5
-            low = torch.floor(centres)
-            frac = (centres - low).to(torch.float32).to(self.mu.device).view(-1, 1, 1)
-            padded = F.pad(volume.float().unsqueeze(0), (0, 0, 0, 0, 1, 1)).squeeze(0)  # zero slice each end
-            index = (low.long() + 1).to(self.mu.device)
-            stack = padded[index] * (1 - frac) + padded[index + 1] * frac
-            self._planes[axes] = stack.to(self.mu.dtype).contiguous()
+            self._planes[axes] = self._resample(axes, torch.arange(self.n_samples)).contiguous()
         return self._planes[axes]
+
+    def update(self, box: tuple[slice, slice, slice], values: Tensor) -> None:
+        """Write ``values`` into ``mu[box]`` and refresh only the cached planes that the box reaches.
+
+        ``box``: three slices with unit step (e.g. from :func:`dxr.data.nodules.insert_nodule`).
+        """
+        self.mu[box] = values.to(device=self.mu.device, dtype=self.mu.dtype)
+        for axes, stack in self._planes.items():
+            a = axes[0]
+            start, stop, _ = box[a].indices(self.mu.shape[a])
+            low, _ = self._plane_positions(self.mu.shape[a])
+            which = torch.nonzero((low + 1 >= start) & (low <= stop - 1)).view(-1)
+            if which.numel():
+                stack[which.to(stack.device)] = self._resample(axes, which)
 
     # rays --------------------------------------------------------------------------------------------
 

@@ -1,0 +1,66 @@
+"""Command line: ``python -m dxr.data build-default --out DIR`` and ``python -m dxr.data drr --ct PATH --out DIR --num N``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from dxr.data.build import DRRSettings, build_ct_drrs, build_default
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dxr.data", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    default = commands.add_parser("build-default", help="build the embedded default dataset (LQ DRRs + HQ radiograph crops)")
+    default.add_argument("--out", required=True, help="folder to create (built beside it, then renamed into place)")
+    default.add_argument("--image-size", type=int, default=256, help="side of every image in pixels (default 256)")
+    default.add_argument("--num-lq", type=int, default=320, help="LQ DRRs in all (default 320)")
+    default.add_argument("--num-hq", type=int, default=320, help="HQ crops in all (default 320)")
+    default.add_argument("--test-fraction", type=float, default=0.2, help="share of each domain in test/ (default 0.2)")
+    default.add_argument("--nodule-fraction", type=float, default=0.5, help="share of DRRs with inserted nodules (default 0.5)")
+    default.add_argument("--max-nodules", type=int, default=3, help="nodules per nodule volume, 1..N (default 3)")
+    default.add_argument("--samples", type=int, default=256, help="samples per ray (default 256)")
+    default.add_argument("--hq-fov-mm", type=float, default=130.0, help="field of view of an HQ crop in mm (default 130)")
+    default.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    default.add_argument("--device", default=None, help="render on this torch device (default: cuda if available, else cpu)")
+    default.add_argument("--rebuild", action="store_true", help="replace an existing dataset at --out")
+    default.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    ct = commands.add_parser("drr", help="render DRRs (optionally with nodules) of your own CT")
+    ct.add_argument("--ct", required=True, help="CT volume: NIfTI file or a folder holding one DICOM series")
+    ct.add_argument("--out", required=True, help="folder to create")
+    ct.add_argument("--num", type=int, required=True, help="number of DRRs")
+    ct.add_argument("--nodules", type=int, default=0, help="nodules inserted into every DRR's volume (default 0)")
+    ct.add_argument("--mask", default=None, help="TotalSegmentator label map on the CT's grid (lung lobes 10-14); default: threshold lung segmentation")
+    ct.add_argument("--suppress-contrast", action="store_true", help="reset contrast-filled vessels to blood HU (needs --mask)")
+    ct.add_argument("--image-size", type=int, default=256, help="side of every DRR in pixels (default 256)")
+    ct.add_argument("--samples", type=int, default=256, help="samples per ray (default 256)")
+    ct.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    ct.add_argument("--device", default=None, help="render on this torch device (default: cuda if available, else cpu)")
+    ct.add_argument("--rebuild", action="store_true", help="replace an existing output folder")
+    ct.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "build-default":
+        settings = DRRSettings(image_size=args.image_size, n_samples=args.samples, nodule_fraction=args.nodule_fraction, max_nodules=args.max_nodules)
+        root = build_default(
+            args.out, image_size=args.image_size, num_lq=args.num_lq, num_hq=args.num_hq, test_fraction=args.test_fraction,
+            hq_fov_mm=args.hq_fov_mm, settings=settings, seed=args.seed, device=args.device, progress=not args.no_progress, rebuild=args.rebuild,
+        )
+    else:
+        settings = DRRSettings(image_size=args.image_size, n_samples=args.samples)
+        root = build_ct_drrs(
+            args.ct, args.out, args.num, nodules=args.nodules, mask=args.mask, suppress=args.suppress_contrast, settings=settings,
+            seed=args.seed, device=args.device, progress=not args.no_progress, rebuild=args.rebuild,
+        )
+    print(root)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
