@@ -345,12 +345,13 @@ class DRRRenderer:
         b0 = origin[..., b] + t0 * direction[..., b]
         c0 = origin[..., c] + t0 * direction[..., c]
         if geometry.parallel:
-            k_min = torch.full_like(t0, -math.inf)
-            k_max = torch.full_like(t0, math.inf)
+            k_min = torch.full_like(t0, -1.0)
+            k_max = torch.full_like(t0, float(self.n_samples))
         else:
             # the segment source (t = 0) → detector (t = 1) is all that attenuates
             k_a, k_b = (0 - t0) / per_plane, (1 - t0) / per_plane
-            k_min, k_max = torch.minimum(k_a, k_b), torch.maximum(k_a, k_b)
+            k_min = torch.minimum(k_a, k_b).clamp(-1.0, self.n_samples)
+            k_max = torch.maximum(k_a, k_b).clamp(-1.0, self.n_samples)
         rays = torch.stack([b0, per_plane * direction[..., b], c0, per_plane * direction[..., c], k_min, k_max])
         step = per_plane.abs() * direction_mm.norm(dim=-1)
         device = self.mu.device

@@ -220,8 +220,8 @@ def _unit(v: np.ndarray) -> np.ndarray:
 def insert_nodule(hu: np.ndarray, spacing: Sequence[float], nodule: Nodule, *, edge_mm: float = 1.0) -> tuple[tuple[slice, ...], np.ndarray]:
     """Write ``nodule`` into ``hu`` (X, Y, Z) in place; returns (box, the box's previous values) to undo it.
 
-    Inside the surface the CT takes the nodule's HU, with a ``tanh`` edge ``edge_mm`` wide; voxels already
-    denser than the blend keep their value.
+    Inside the surface the CT takes the nodule's HU, with a ``tanh`` edge ``edge_mm`` wide (nothing changes
+    beyond 1.5 ``edge_mm`` outside); voxels already denser than the blend keep their value.
     """
     spacing_arr = np.asarray(spacing, dtype=np.float64)
     centre_index = np.asarray(nodule.center_mm) / spacing_arr + (np.asarray(hu.shape) - 1) / 2
@@ -236,7 +236,8 @@ def insert_nodule(hu: np.ndarray, spacing: Sequence[float], nodule: Nodule, *, e
     direction = np.where(length[..., None] > 1e-9, local / np.maximum(length, 1e-9)[..., None], np.array([1.0, 0.0, 0.0]))
     axes = np.asarray(nodule.semi_axes_mm)
     surface = nodule.surface_factor(direction) / np.linalg.norm(direction / axes, axis=-1)
-    inside = 0.5 * (1 + np.tanh((surface - length) / (0.5 * edge_mm)))
+    depth = surface - length  # mm inside the surface
+    inside = np.where(depth > -1.5 * edge_mm, 0.5 * (1 + np.tanh(depth / (0.5 * edge_mm))), 0.0)  # no tail past the edge
     before = hu[box].copy()
     blended = before + inside * (nodule.hu - before)
     hu[box] = np.maximum(before, blended)
