@@ -190,10 +190,10 @@ def random_poses(
     return rot, shift
 
 
-def _detector_camera(geometry: Geometry) -> tuple[Tensor, Tensor]:
+def _detector_camera(geometry: Geometry, device=None) -> tuple[Tensor, Tensor]:
     """Camera-frame x and z (mm) of every detector pixel centre, each (H, W) float64."""
-    rows = (geometry.height - 1) / 2.0 - torch.arange(geometry.height, dtype=torch.float64)
-    cols = (geometry.width - 1) / 2.0 - torch.arange(geometry.width, dtype=torch.float64)
+    rows = (geometry.height - 1) / 2.0 - torch.arange(geometry.height, dtype=torch.float64, device=device)
+    cols = (geometry.width - 1) / 2.0 - torch.arange(geometry.width, dtype=torch.float64, device=device)
     z = (rows * geometry.pixel_spacing[0]).view(-1, 1).expand(geometry.height, geometry.width)
     x = (cols * geometry.pixel_spacing[1]).view(1, -1).expand(geometry.height, geometry.width)
     return x, z
@@ -323,16 +323,18 @@ class DRRRenderer:
         """The per-ray plane parameters for poses (B, 3, 3), (B, 3) that share ``axes``."""
         geometry = self.geometry
         a, b, c = axes
-        spacing = torch.tensor(self.spacing, dtype=torch.float64)
-        centre = (torch.tensor(self.mu.shape, dtype=torch.float64) - 1) / 2
-        x, z = _detector_camera(geometry)
+        device = self.mu.device  # built where they are used: no host work per ray on a GPU
+        spacing = torch.tensor(self.spacing, dtype=torch.float64, device=device)
+        centre = (torch.tensor(self.mu.shape, dtype=torch.float64, device=device) - 1) / 2
+        rotation, translation = rotation.to(device), translation.to(device)
+        x, z = _detector_camera(geometry, device)
         batch = rotation.shape[0]
         detector = torch.stack([x, torch.full_like(x, geometry.sdd - geometry.sod), z], -1).view(1, -1, 3).expand(batch, -1, 3)
         if geometry.parallel:
-            direction_cam = torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64).expand_as(detector)
+            direction_cam = torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64, device=device).expand_as(detector)
             origin_cam = detector - direction_cam
         else:
-            origin_cam = torch.tensor([0.0, -geometry.sod, 0.0], dtype=torch.float64).expand_as(detector)
+            origin_cam = torch.tensor([0.0, -geometry.sod, 0.0], dtype=torch.float64, device=device).expand_as(detector)
             direction_cam = detector - origin_cam
         origin = (torch.einsum("bij,bpj->bpi", rotation, origin_cam) + translation.unsqueeze(1)) / spacing + centre
         direction_mm = torch.einsum("bij,bpj->bpi", rotation, direction_cam)
@@ -354,8 +356,7 @@ class DRRRenderer:
             k_max = torch.maximum(k_a, k_b).clamp(-1.0, self.n_samples)
         rays = torch.stack([b0, per_plane * direction[..., b], c0, per_plane * direction[..., c], k_min, k_max])
         step = per_plane.abs() * direction_mm.norm(dim=-1)
-        device = self.mu.device
-        return RayPlanes(rays.reshape(6, -1).to(torch.float32).to(device), step.reshape(-1).to(torch.float32).to(device))
+        return RayPlanes(rays.reshape(6, -1).to(torch.float32), step.reshape(-1).to(torch.float32))
 
     # marching ------------------------------------------------------------------------------------------
 

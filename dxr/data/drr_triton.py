@@ -15,6 +15,7 @@ import triton.language as tl
 from torch import Tensor
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_MAX_RAYS = 1 << 28
 
 if _INTERPRET:
     _CONFIGS = [triton.Config({"BLOCK": 256}, num_warps=4)]
@@ -98,11 +99,13 @@ def march_planes(planes: Tensor, rays: Tensor, step: Tensor) -> Tensor:
     planes = planes.contiguous()
     rays = rays.to(torch.float32).contiguous()
     step = step.to(torch.float32).contiguous()
-    n_rays = rays.shape[1]
-    out = torch.empty(n_rays, dtype=torch.float32, device=planes.device)
-    if n_rays == 0:
-        return out
+    total = rays.shape[1]
+    out = torch.empty(total, dtype=torch.float32, device=planes.device)
     n_planes, n_b, n_c = planes.shape
-    grid = lambda meta: (triton.cdiv(n_rays, meta["BLOCK"]),)  # noqa: E731
-    drr_march_kernel[grid](planes, rays, step, out, n_rays, n_planes, n_b, n_c)
+    # ray offsets (up to 6·n_rays) stay within int32
+    for start in range(0, total, _MAX_RAYS):
+        chunk = rays[:, start : start + _MAX_RAYS].contiguous()
+        n_rays = chunk.shape[1]
+        grid = lambda meta: (triton.cdiv(n_rays, meta["BLOCK"]),)  # noqa: E731
+        drr_march_kernel[grid](planes, chunk, step[start : start + n_rays], out[start : start + n_rays], n_rays, n_planes, n_b, n_c)
     return out
