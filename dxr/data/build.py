@@ -436,7 +436,7 @@ def build_default(
                 },
             },
             "geometry": lq["geometry"],
-            "display": lq["display"],
+            "display": {"lq": lq["display"], "hq": hq["display"]},
             "counts": {
                 "lq": {**lq_counts, "with_nodules": lq["with_nodules"], "nodules": lq["nodules"], "nodules_in_view": lq["nodules_in_view"], "nodule_volumes": lq["nodule_volumes"]},
                 "hq": hq_counts,
