@@ -134,9 +134,8 @@ def test_float64_takes_the_reference():
     torch.testing.assert_close(ops.attention(q, k, v, backend="triton"), reference.attention(q, k, v))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_opcheck(dtype):
-    q, k, v, do = _inputs((1, 2, 33, 20, 40), dtype, seed=13)
+def test_opcheck():
+    q, k, v, do = _inputs((1, 2, 33, 20, 40), torch.bfloat16, seed=13)
     torch.library.opcheck(torch.ops.dxr.attention_fwd.default, (q, k, v, 0.3, "triton"))
     o, lse = torch.ops.dxr.attention_fwd(q.detach(), k.detach(), v.detach(), 0.3, "triton")
     args = (do, q.detach(), k.detach(), v.detach(), o, lse, 0.3, "triton")
@@ -236,8 +235,7 @@ def test_self_attention_bfloat16():
     x = randn(1, 32, 6, 7)
     expected = _plain_self_attention(m, x, 4, 16)
     m = m.to(torch.bfloat16)
-    # bf16 weights and activations through two convolutions around attention: a few bf16 roundings
-    assert_close(m(x.bfloat16()), expected, torch.bfloat16, scale=2.0)
+    assert_close(m(x.bfloat16()), expected, torch.bfloat16)
 
 
 def test_self_attention_compiles_with_no_graph_break():
