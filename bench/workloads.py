@@ -1,0 +1,435 @@
+"""What the benchmarks run: the cases, the backends, the timed callables and their traffic.
+
+Shared by the pytest-benchmark suites (``bench/test_bench_*.py``) and ``bench/gpu_check.py``.
+
+A :class:`Case` is one op at one shape. :func:`cases` lists them: shapes taken from diffusion UNets
+(and the MUNIT decoder for AdaIN) on a GPU, modest ones on a CPU, tiny ones for ``gpu_check --device
+cpu --quick``. :func:`runner` builds the zero-argument callable that is timed, for one backend:
+
+- "triton", "cuda": the fused kernels through the public ``dxr.ops`` API;
+- "eager": the eager reference ``dxr.kernels.reference`` (the baseline);
+- "compile": ``torch.compile`` of that reference;
+- "sdpa_flash", "sdpa_efficient": PyTorch's ``scaled_dot_product_attention`` held to one backend
+  (attention only).
+
+Modes: "fwd" (inputs that need no gradient), "bwd" (the backward alone, of a forward made once) and
+"fwd+bwd"; the samplers have "fwd" only. :func:`traffic_bytes` and :func:`flops` give the minimal
+memory traffic and the arithmetic of a case, from which GB/s and TFLOP/s follow.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dxr import ops
+from dxr.kernels import reference
+
+OPS = ("group_norm_silu", "adain", "q_sample", "ddpm_step", "ddim_step", "attention")
+KERNEL_BACKENDS = ("triton", "cuda")
+SDPA_BACKENDS = ("sdpa_flash", "sdpa_efficient")
+FWD, BWD, FWD_BWD = "fwd", "bwd", "fwd+bwd"
+
+# the inputs that get gradients, per op; the samplers have none
+GRAD_INPUTS = {
+    "group_norm_silu": ("x", "weight", "bias"),
+    "adain": ("x", "scale", "shift"),
+    "attention": ("q", "k", "v"),
+    "q_sample": (),
+    "ddpm_step": (),
+    "ddim_step": (),
+}
+NUM_STEPS = 1000  # length of the noise schedule the sampler cases use
+SEED = 1234  # seed of the in-kernel (and the reference's) noise in the timed sampler steps
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the pytest suites run
+
+
+class Unavailable(Exception):
+    """A backend that cannot run a case on this machine; the message says why."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One op at one shape.
+
+    shape: x's (N, C, *spatial) for the norms and samplers, (B, H, Lq, Lk, D) for attention.
+    options: the op's keyword arguments that shape the work (num_groups, eta), as (name, value) pairs.
+    """
+
+    op: str
+    shape: tuple
+    channels_last: bool = False
+    options: tuple = ()
+
+    @property
+    def kwargs(self) -> dict:
+        return dict(self.options)
+
+    @property
+    def id(self) -> str:
+        """The label without spaces, for test ids."""
+        return str(self).replace(" ", "_")
+
+    def __str__(self) -> str:
+        if self.op == "attention":
+            b, h, lq, lk, d = self.shape
+            lengths = f"L{lq}" if lq == lk else f"Lq{lq} Lk{lk}"
+            return f"B{b} H{h} {lengths} D{d}"
+        label = "x".join(map(str, self.shape))
+        if self.channels_last:
+            label += " channels_last"
+        return " ".join([label, *(f"{name}={value}" for name, value in self.options)])
+
+
+def _norm(op, *shapes, channels_last=(), **options):
+    return [Case(op, s, False, tuple(options.items())) for s in shapes] + \
+           [Case(op, s, True, tuple(options.items())) for s in channels_last]
+
+
+def _sampler(op, *shapes, **options):
+    return [Case(op, s, False, tuple(options.items())) for s in shapes]
+
+
+def _attention(*shapes):
+    return [Case("attention", s) for s in shapes]
+
+
+# (device type, quick) -> cases per op
+_CASES = {
+    ("cuda", False): {
+        "group_norm_silu": _norm("group_norm_silu", (8, 128, 64, 64), (1, 512, 32, 32), (16, 256, 32, 32),
+                                 channels_last=[(8, 128, 64, 64)], num_groups=32),
+        "adain": _norm("adain", (1, 256, 64, 64), (8, 256, 64, 64), channels_last=[(8, 256, 64, 64)]),
+        "q_sample": _sampler("q_sample", (16, 3, 256, 256), (8, 1, 256, 256)),
+        "ddpm_step": _sampler("ddpm_step", (16, 3, 256, 256), (8, 1, 256, 256)),
+        "ddim_step": _sampler("ddim_step", (16, 3, 256, 256), (8, 1, 256, 256), eta=0.0)
+                     + _sampler("ddim_step", (16, 3, 256, 256), eta=1.0),
+        "attention": _attention((8, 8, 256, 256, 64), (4, 8, 1024, 1024, 64), (1, 16, 4096, 4096, 64),
+                                (4, 8, 1024, 1024, 128), (1, 16, 4096, 4096, 128)),
+    },
+    ("cuda", True): {
+        "group_norm_silu": _norm("group_norm_silu", (1, 512, 32, 32), (16, 256, 32, 32), num_groups=32),
+        "adain": _norm("adain", (8, 256, 64, 64)),
+        "q_sample": _sampler("q_sample", (16, 3, 256, 256)),
+        "ddpm_step": _sampler("ddpm_step", (16, 3, 256, 256)),
+        "ddim_step": _sampler("ddim_step", (16, 3, 256, 256), eta=0.0),
+        "attention": _attention((4, 8, 1024, 1024, 64), (1, 16, 4096, 4096, 128)),
+    },
+    ("cpu", False): {
+        "group_norm_silu": _norm("group_norm_silu", (1, 512, 32, 32), num_groups=32),
+        "adain": _norm("adain", (1, 256, 64, 64)),
+        "q_sample": _sampler("q_sample", (8, 1, 256, 256)),
+        "ddpm_step": _sampler("ddpm_step", (8, 1, 256, 256)),
+        "ddim_step": _sampler("ddim_step", (8, 1, 256, 256), eta=0.0),
+        "attention": _attention((2, 8, 256, 256, 64)),
+    },
+    # small enough for the Triton interpreter: 4 channels per group, ragged attention lengths
+    ("cpu", True): {
+        "group_norm_silu": _norm("group_norm_silu", (2, 32, 8, 8), channels_last=[(2, 32, 8, 8)], num_groups=8),
+        "adain": _norm("adain", (2, 16, 8, 8)),
+        "q_sample": _sampler("q_sample", (2, 3, 16, 16)),
+        "ddpm_step": _sampler("ddpm_step", (2, 3, 16, 16)),
+        "ddim_step": _sampler("ddim_step", (2, 3, 16, 16), eta=1.0),
+        "attention": _attention((1, 2, 40, 72, 32)),
+    },
+}
+
+
+def cases(op: str, device_type: str, quick: bool = False) -> list:
+    """The cases of ``op`` for a device type ("cuda" or "cpu"); ``quick`` gives fewer (tiny on a CPU)."""
+    return _CASES[("cuda" if device_type == "cuda" else "cpu", quick)][op]
+
+
+def modes(op: str) -> tuple:
+    """The modes timed for ``op``: the samplers run forward only."""
+    return (FWD, BWD, FWD_BWD) if GRAD_INPUTS[op] else (FWD,)
+
+
+def backends(op: str) -> tuple:
+    """Every backend that can run ``op``, baselines first."""
+    extra = SDPA_BACKENDS if op == "attention" else ()
+    return ("eager", "compile", *extra, *KERNEL_BACKENDS)
+
+
+# --------------------------------------------------------------------------------------------------
+# inputs
+
+
+def _schedule(device) -> Tensor:
+    """ᾱ_t of the linear β schedule of Ho et al. (β from 1e-4 to 0.02), float32."""
+    betas = torch.linspace(1e-4, 0.02, NUM_STEPS, dtype=torch.float64)
+    return torch.cumprod(1 - betas, 0).to(device=device, dtype=torch.float32)
+
+
+def make_inputs(case: Case, dtype: torch.dtype, device, seed: int = 0) -> dict:
+    """Fresh random inputs of ``case`` (standard normal, never zeros) in ``dtype`` on ``device``.
+
+    Holds the op's tensors by argument name, plus "dy" (the output gradient, in x's layout) for the
+    ops with a backward and "noise" (an explicit z) for the samplers. Sampler timesteps are drawn in
+    [1, NUM_STEPS) so every sample takes a noisy step.
+    """
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def normal(*shape, layout=False):
+        t = torch.randn(shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
+        return t.to(memory_format=torch.channels_last) if layout and case.channels_last else t
+
+    if case.op == "attention":
+        b, h, lq, lk, d = case.shape
+        return {"q": normal(b, h, lq, d), "k": normal(b, h, lk, d), "v": normal(b, h, lk, d), "dy": normal(b, h, lq, d)}
+    n, c = case.shape[:2]
+    if case.op == "group_norm_silu":
+        return {"x": normal(*case.shape, layout=True), "weight": normal(c), "bias": normal(c),
+                "dy": normal(*case.shape, layout=True)}
+    if case.op == "adain":
+        return {"x": normal(*case.shape, layout=True), "scale": normal(n, c), "shift": normal(n, c),
+                "dy": normal(*case.shape, layout=True)}
+    t = torch.randint(1, NUM_STEPS, (n,), generator=gen, device=device)
+    inputs = {"x": normal(*case.shape), "other": normal(*case.shape), "noise": normal(*case.shape), "t": t,
+              "alphas_cumprod": _schedule(device)}
+    if case.op == "ddim_step":
+        inputs["t_prev"] = (t - NUM_STEPS // 50).clamp(min=-1)
+    return inputs
+
+
+# --------------------------------------------------------------------------------------------------
+# backends
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(op: str):
+    """torch.compile of the reference of ``op``, one per op; shapes are specialised (dynamic=False)."""
+    # every case is a recompile of the same function: keep them all compiled rather than fall back to eager
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, limit, max(getattr(config, limit), 64))
+    return torch.compile(getattr(reference, op), dynamic=False)
+
+
+def _sdpa(backend: str, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    chosen = SDPBackend.FLASH_ATTENTION if backend == "sdpa_flash" else SDPBackend.EFFICIENT_ATTENTION
+    with sdpa_kernel(chosen):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def forward(case: Case, backend: str, inputs: dict, *, draw_noise: bool = True) -> Tensor:
+    """The output of ``case`` on ``inputs`` computed by ``backend``.
+
+    The samplers draw their noise from ``SEED`` when ``draw_noise`` (the reference with
+    ``torch.randn``, the kernels in-kernel), else take ``inputs["noise"]``.
+    """
+    op, kw = case.op, case.kwargs
+    if backend in KERNEL_BACKENDS:
+        fn, extra = getattr(ops, op), {"backend": backend}
+    elif backend in ("eager", "compile"):
+        fn, extra = (getattr(reference, op) if backend == "eager" else _compiled(op)), {}
+    elif backend in SDPA_BACKENDS and op == "attention":
+        return _sdpa(backend, inputs["q"], inputs["k"], inputs["v"])
+    else:
+        raise ValueError(f"no backend {backend!r} for {op}")
+    if op == "group_norm_silu":
+        return fn(inputs["x"], kw["num_groups"], inputs["weight"], inputs["bias"], **extra)
+    if op == "adain":
+        return fn(inputs["x"], inputs["scale"], inputs["shift"], **extra)
+    if op == "attention":
+        return fn(inputs["q"], inputs["k"], inputs["v"], **extra)
+    x, other, t, ac = inputs["x"], inputs["other"], inputs["t"], inputs["alphas_cumprod"]
+    if op == "q_sample":
+        return fn(x, inputs["noise"], t, ac, **extra)
+    noise = {"seed": SEED} if draw_noise else {"noise": inputs["noise"]}
+    if op == "ddpm_step":
+        return fn(x, other, t, ac, **noise, **extra)
+    return fn(x, other, t, inputs["t_prev"], ac, eta=kw["eta"], **noise, **extra)
+
+
+def probe(case: Case, backend: str, inputs: dict) -> None:
+    """Raise :class:`Unavailable` when ``backend`` cannot run ``case`` on these inputs' device."""
+    lead = inputs["q"] if case.op == "attention" else inputs["x"]
+    if backend in KERNEL_BACKENDS:
+        try:
+            ops.resolve_backend(backend, case.op, lead)
+        except RuntimeError as err:
+            raise Unavailable(str(err)) from None
+
+
+# what scaled_dot_product_attention says when the chosen backend cannot take the inputs (CUDA, CPU)
+_SDPA_REFUSALS = ("No available kernel", "No viable backend")
+
+
+def call_once(fn: Callable, backend: str):
+    """Call ``fn`` once (compile, autotune), turning a kernel module that is not there yet or an SDPA
+    backend that refuses the inputs into :class:`Unavailable`."""
+    try:
+        return fn()
+    except ModuleNotFoundError as err:
+        if backend in KERNEL_BACKENDS and (err.name or "").startswith("dxr."):
+            raise Unavailable(f"the kernel module {err.name} is not in this tree") from None
+        raise
+    except RuntimeError as err:
+        if backend in SDPA_BACKENDS and any(refusal in str(err) for refusal in _SDPA_REFUSALS):
+            raise Unavailable(str(err).splitlines()[0]) from None
+        raise
+
+
+def runner(case: Case, backend: str, mode: str, inputs: dict) -> Callable[[], object]:
+    """The zero-argument callable that runs ``case`` in ``mode`` on ``backend``, called once already.
+
+    "fwd" runs on inputs that need no gradient; "bwd" differentiates one forward made here
+    (retain_graph), "fwd+bwd" does both each call. Raises :class:`Unavailable` when the backend
+    cannot run here.
+    """
+    probe(case, backend, inputs)
+    names = GRAD_INPUTS[case.op]
+    if mode == FWD:
+        plain = {k: (v.detach() if k in names else v) for k, v in inputs.items()}
+        fn = functools.partial(forward, case, backend, plain)
+        call_once(fn, backend)
+        return fn
+    if mode not in (BWD, FWD_BWD) or not names:
+        raise ValueError(f"mode {mode!r} is not timed for {case.op}")
+    leaves = {k: (v.detach().requires_grad_() if k in names else v) for k, v in inputs.items()}
+    wrt, dy = [leaves[k] for k in names], inputs["dy"]
+
+    def forward_backward():
+        return torch.autograd.grad(forward(case, backend, leaves), wrt, dy)
+
+    if mode == FWD_BWD:
+        call_once(forward_backward, backend)
+        return forward_backward
+    out = call_once(functools.partial(forward, case, backend, leaves), backend)
+
+    def backward():
+        return torch.autograd.grad(out, wrt, dy, retain_graph=True)
+
+    backward()
+    return backward
+
+
+# --------------------------------------------------------------------------------------------------
+# traffic and arithmetic
+
+
+def traffic_bytes(case: Case, dtype: torch.dtype, mode: str) -> Optional[int]:
+    """Minimal bytes a perfect kernel moves for ``case`` in ``mode`` (None for attention).
+
+    Norms: forward reads x and writes y; backward reads x and dy and writes dx; the per-channel
+    (per-sample) parameters and their gradients are counted too, the float32 statistics are not.
+    Samplers: read x_t and the model output (and a given noise), write the result; in-kernel noise
+    costs no traffic.
+    """
+    if case.op == "attention":
+        return None
+    e = torch.empty((), dtype=dtype).element_size()
+    n = math.prod(case.shape)
+    params = case.shape[1] if case.op == "group_norm_silu" else case.shape[0] * case.shape[1]
+    if case.op in ("group_norm_silu", "adain"):
+        fwd = (2 * n + 2 * params) * e
+        bwd = (3 * n + 4 * params) * e
+        return {FWD: fwd, BWD: bwd, FWD_BWD: fwd + bwd}[mode]
+    return 3 * n * e
+
+
+def flops(case: Case, mode: str) -> Optional[int]:
+    """Floating-point operations of attention: 4·B·H·Lq·Lk·D forward, 2.5× that backward (None otherwise)."""
+    if case.op != "attention":
+        return None
+    b, h, lq, lk, d = case.shape
+    fwd = 4 * b * h * lq * lk * d
+    return {FWD: fwd, BWD: fwd * 5 // 2, FWD_BWD: fwd * 7 // 2}[mode]
+
+
+# --------------------------------------------------------------------------------------------------
+# timing
+
+
+def synchronize(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class L2Flush:
+    """Writes a buffer larger than the GPU's L2 cache, so the next kernel starts from DRAM."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.buffer = None
+        if self.device.type == "cuda":
+            l2 = getattr(torch.cuda.get_device_properties(self.device), "L2_cache_size", 0) or 128 << 20
+            self.buffer = torch.empty(2 * l2, dtype=torch.int8, device=self.device)
+
+    def __call__(self) -> None:
+        if self.buffer is not None:
+            self.buffer.zero_()
+
+
+def estimate_seconds(fn: Callable, device, calls: int = 1) -> float:
+    """Wall-clock seconds of one synchronised call of ``fn`` (the least of ``calls`` calls)."""
+    best = math.inf
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def repetitions(seconds_per_call: float, budget_s: float, low: int, high: int) -> int:
+    """How many calls fit ``budget_s``, within [low, high]."""
+    return int(min(high, max(low, budget_s // max(seconds_per_call, 1e-9))))
+
+
+def median_ms(fn: Callable, device, *, budget_s: float = 0.25, warmup_s: float = 0.05, min_reps: int = 5,
+              max_reps: int = 200, flush: Optional[L2Flush] = None) -> float:
+    """Median milliseconds of ``fn()`` over ``min_reps`` to ``max_reps`` calls filling about ``budget_s``,
+    after one call to estimate and ``warmup_s`` more of warm-up (the first call, which compiles or
+    autotunes, is the caller's).
+
+    On a GPU each call is timed with CUDA events after an L2 flush (DRAM-resident inputs); on a CPU
+    with the wall clock.
+    """
+    device = torch.device(device)
+    once = estimate_seconds(fn, device)
+    for _ in range(repetitions(once, warmup_s, 0, 50)):
+        fn()
+    reps = repetitions(once, budget_s, min_reps, max_reps)
+    times = []
+    if device.type == "cuda":
+        flush = flush or L2Flush(device)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        for start, end in events:
+            flush()
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(device)
+        times = [start.elapsed_time(end) for start, end in events]
+    else:
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def peak_memory_mib(fn: Callable, device) -> Optional[float]:
+    """Peak CUDA memory one call of ``fn`` allocates beyond what was allocated before (None on a CPU)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
