@@ -22,7 +22,7 @@
 Writes ``<out>/<device>-<date>.json`` and ``.md`` (``-quick`` added with --quick) and prints the tables.
 Each op and backend stands alone: a backend that cannot run here (no extension built, a kernel module
 not there yet) is listed as missing with the reason. Exit status 1 when a correctness check failed or
-a kernel raised (the results are written all the same), 2 for a bad command line. Every case and
+a kernel raised (the results are written all the same), 2 for a bad command line or no GPU. Every case and
 step sits in an NVTX range, so ``nsys profile python bench/gpu_check.py`` shows them.
 """
 
@@ -262,7 +262,8 @@ def check_noise(case: wl.Case, backend: str, device: torch.device, seed: int) ->
     # the reference with z = 0 and z = 1 gives the step's mean and its σ, element by element
     mean = wl.forward(case, "eager", {**inputs, "noise": torch.zeros_like(drawn)}, draw_noise=False)
     sigma = wl.forward(case, "eager", {**inputs, "noise": torch.ones_like(drawn)}, draw_noise=False) - mean
-    noisy = sigma > 1e-4
+    # σ = 0 where t_prev = -1 (DDIM's last step); tiny σ would magnify rounding into z
+    noisy = sigma > 1e-3
     z = ((drawn - mean) / sigma)[noisy].double()
     m = z.numel()
     records = [_record(case, backend, torch.float32, "same seed, same result", torch.equal(drawn, again))]
@@ -272,7 +273,7 @@ def check_noise(case: wl.Case, backend: str, device: torch.device, seed: int) ->
     for quantity, value, expected, bound in (("noise mean", float(z.mean()), 0.0, 6 / math.sqrt(m) + 1e-4),
                                              ("noise std", float(z.std()), 1.0, 6 / math.sqrt(2 * m) + 1e-4)):
         records.append(_record(case, backend, torch.float32, quantity, abs(value - expected) <= bound,
-                               value=value, bound=bound, elements=m))
+                               value=value, expected=expected, bound=bound, elements=m))
     return records
 
 
@@ -361,6 +362,15 @@ def _table(header: list, lines: list) -> list:
             *("| " + " | ".join(line) + " |" for line in lines)]
 
 
+def _measured_allowed(check: dict) -> tuple:
+    """How a check's record reads in the table: (what was measured, what was allowed)."""
+    if "max_abs_err" in check:
+        return f"max abs err {check['max_abs_err']:.2e}", f"{check['atol']:.1e} + {check['rtol']:.1e}·abs(ref)"
+    if "value" in check:
+        return f"{check['value']:.4f}", f"{check['expected']:g} ± {check['bound']:.4f}"
+    return "", ""
+
+
 def markdown(result: dict) -> str:
     meta, peak = result["meta"], result["peaks"]
     peak_text = (f"Copy bandwidth {peak['copy_gbps']:.1f} GB/s ({peak['copy_bytes'] >> 20} MiB device-to-device "
@@ -382,11 +392,10 @@ def markdown(result: dict) -> str:
         "tests/helpers.py (failures first).",
         "",
     ]
-    order = sorted(checks, key=lambda c: c["passed"])
-    lines += _table(["op", "case", "dtype", "backend", "quantity", "max abs err", "atol / bound", "passed", "note"],
-                    [[c["op"], c["case"], c["dtype"], c["backend"], c["quantity"],
-                      _fmt(c.get("max_abs_err", c.get("value")), 6), _fmt(c.get("atol", c.get("bound")), 6),
-                      _fmt(c["passed"]), c.get("message", "")[:160]] for c in order])
+    failures_first = sorted(checks, key=lambda c: c["passed"])
+    lines += _table(["op", "case", "dtype", "backend", "quantity", "measured", "allowed", "passed", "note"],
+                    [[c["op"], c["case"], c["dtype"], c["backend"], c["quantity"], *_measured_allowed(c),
+                      _fmt(c["passed"]), c.get("message", "")[:160]] for c in failures_first])
     if result["errors"]:
         lines += ["", "## The run stopped", "", *(f"    {e['message']}" for e in result["errors"])]
     lines += ["", "## Backends that did not run", ""]
