@@ -59,12 +59,17 @@ def run_case(benchmark):
             fn()
             wl.synchronize(wl.DEVICE)
 
-        flush = wl.L2Flush(wl.DEVICE)
+        l2_flush = wl.L2Flush(wl.DEVICE)
+
+        def flush():
+            l2_flush()
+            wl.synchronize(wl.DEVICE)  # or the flush would still run inside the timed call
+
         rounds = wl.repetitions(wl.estimate_seconds(timed, wl.DEVICE), BUDGET_S, 3, 200)
         benchmark.group = f"{case.op} {case} {mode}"
         benchmark.extra_info.update(op=case.op, case=str(case), mode=mode, backend=backend,
                                     dtype=str(DTYPE).removeprefix("torch."), device=str(wl.DEVICE))
-        if case.op == "attention":
+        if case.op == "attention" and wl.DEVICE.type == "cuda":
             benchmark.extra_info["peak_mib"] = wl.peak_memory_mib(fn, wl.DEVICE)
         benchmark.pedantic(timed, setup=flush, rounds=rounds, warmup_rounds=1, iterations=1)
         if benchmark.stats is None:  # benchmarks disabled: the case ran once, untimed

@@ -325,8 +325,8 @@ def traffic_bytes(case: Case, dtype: torch.dtype, mode: str) -> Optional[int]:
 
     Norms: forward reads x and writes y; backward reads x and dy and writes dx; the per-channel
     (per-sample) parameters and their gradients are counted too, the float32 statistics are not.
-    Samplers: read x_t and the model output (and a given noise), write the result; in-kernel noise
-    costs no traffic.
+    Samplers: q_sample reads x0 and the noise, the steps read x_t and the model output and draw their
+    noise in-kernel (no traffic); each writes its result.
     """
     if case.op == "attention":
         return None
