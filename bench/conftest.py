@@ -22,13 +22,6 @@ DTYPE = torch.bfloat16 if wl.DEVICE.type == "cuda" else torch.float32
 BUDGET_S = 1.0 if wl.DEVICE.type == "cuda" else 0.4  # timed seconds per case, at most 200 rounds
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_configure(config):
-    # the project's addopts disable benchmarks for the test suite: --benchmark-only turns them back on
-    if config.getoption("benchmark_only", default=False):
-        config.option.benchmark_enable = True
-
-
 _CPU_SKIP = {
     "triton": "needs a CUDA GPU: on a CPU Triton runs only in its interpreter, which is not benchmarked",
     "cuda": "needs a CUDA GPU: the CUDA extension runs on GPU tensors only",
