@@ -288,9 +288,13 @@ def test_launch_rejects_bad_input():
         gn.group_norm_silu_bwd(x[:1], x, None, None, mean, rstd, 3, True)
     with pytest.raises(ValueError, match="mean"):
         gn.group_norm_silu_bwd(x, x, None, None, mean[:1], rstd, 3, True)
+    with pytest.raises(ValueError, match="does not cover"):
+        gn.group_norm_silu_fwd(x, None, None, 3, EPS, True, plan=gn.Plan(True, 2, 2, 1, 1))
+    with pytest.raises(ValueError, match="does not cover"):
+        gn.group_norm_silu_bwd(x, x, None, None, mean, rstd, 3, True, plan=gn.Plan(False, 2, 1, 1, 2))
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(
     n=st.integers(1, 2),
     groups=st.integers(1, 3),

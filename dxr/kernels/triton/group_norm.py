@@ -546,6 +546,20 @@ def _sizes(x: Tensor, num_groups: int) -> tuple[int, int, int, int]:
     return n, c, s, c // num_groups
 
 
+def _plan_for(plan: Optional[Plan], n: int, c: int, s: int, groups: int, device: torch.device,
+              backward: bool) -> Plan:
+    """``plan``, checked to cover a group of (C / groups) × S, or the one :func:`choose_plan` picks."""
+    if plan is None:
+        return choose_plan(n, c, s, groups, backward=backward, device=device)
+    if plan.onchip:
+        covered = plan.block_c >= c // groups and plan.block_s >= s
+    else:
+        covered = plan.splits * plan.tiles * plan.block_s >= s
+    if not covered:
+        raise ValueError(f"{plan} does not cover a group of {c // groups} channels × {s} positions")
+    return plan
+
+
 def _param(p: Optional[Tensor], placeholder: Tensor) -> tuple[Tensor, bool]:
     """A (C,) parameter ready for the kernels (any float dtype, unit stride) and whether it was given;
     a missing one is replaced by ``placeholder``, a pointer the kernels never read."""
@@ -561,7 +575,8 @@ def group_norm_silu_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tens
     x: non-empty (N, C, *spatial) float32/float16/bfloat16; weight, bias: (C,) of any float dtype, or
     None. Returns y (x's shape, dtype and memory format) and float32 (N, num_groups) mean and rstd.
     ``plan`` overrides :func:`choose_plan`. Raises ValueError when num_groups does not divide C, x is
-    empty or one sample exceeds 2³¹ - 1 elements, and TypeError for another dtype.
+    empty, one sample exceeds 2³¹ - 1 elements or the plan does not cover a group, and TypeError for
+    another dtype.
     """
     n, c, s, cpg = _sizes(x, num_groups)
     y = torch.empty_like(x)
@@ -570,7 +585,7 @@ def group_norm_silu_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tens
         out = group_norm_silu_fwd(x.contiguous(), weight, bias, num_groups, eps, silu, plan=plan)
         return (y.copy_(out[0]), *out[1:])
     x = _in_layout(x, y)
-    plan = plan or choose_plan(n, c, s, num_groups, device=x.device)
+    plan = _plan_for(plan, n, c, s, num_groups, x.device, backward=False)
     mean = x.new_empty((n, num_groups), dtype=torch.float32)
     rstd = torch.empty_like(mean)
     w, has_w = _param(weight, mean)
@@ -617,11 +632,11 @@ def group_norm_silu_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: O
     x = _in_layout(x, dx)
     dy = _in_layout(dy, dx)
     mean, rstd = mean.float().contiguous(), rstd.float().contiguous()
-    plan = plan or choose_plan(n, c, s, num_groups, backward=True, device=x.device)
+    plan = _plan_for(plan, n, c, s, num_groups, x.device, backward=True)
     w, has_w = _param(weight, mean)
     b, has_b = _param(bias, mean)
-    rows = n * (1 if plan.onchip else plan.splits)
-    dw_rows = x.new_empty((rows, c), dtype=torch.float32)
+    # per-program partial sums of dweight and dbias, one row per sample (and split)
+    dw_rows = x.new_empty((n * (1 if plan.onchip else plan.splits), c), dtype=torch.float32)
     db_rows = torch.empty_like(dw_rows)
     shape = dict(G=num_groups, CPG=cpg, S=s, stride_n=strides[0], stride_c=strides[1], stride_s=strides[2])
     flags = dict(HAS_W=has_w, HAS_B=has_b, SILU=bool(silu), BLOCK_C=plan.block_c, BLOCK_S=plan.block_s)
