@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test bench clean
+.PHONY: install test bench gpu-check clean
 
 $(STAMP): pyproject.toml setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pytest bench --benchmark-only
+
+# on a GPU machine whose image already has torch, triton, nvcc and cmake (no internet there)
+gpu-check:
+	DXR_BUILD_CUDA=auto python3 -m pip install --no-deps --no-build-isolation -e .
+	python3 bench/gpu_check.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks
