@@ -145,7 +145,8 @@ def test_opcheck():
 @pytest.mark.parametrize(
     "q, k, v, error, words",
     [
-        (torch.randn(2, 4, 8), torch.randn(2, 4, 8), torch.randn(2, 4, 8), ValueError, "q must have shape (B, H, L, D)"),
+        (torch.randn(2, 4, 8), torch.randn(2, 4, 8), torch.randn(2, 4, 8), ValueError,
+         "q must have shape (B, H, L, D)"),
         (torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8, 1), torch.randn(1, 2, 4, 8), ValueError,
          "k must have shape (B, H, L, D)"),
         (torch.randn(2, 2, 4, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8), ValueError, "k must have shape"),

@@ -22,8 +22,9 @@ dS are rounded to the input dtype for their products, as in FlashAttention); flo
 ``input_precision="ieee"`` (exact float32 products, no TF32). Under Triton's interpreter, whose bfloat16
 products are wrong, bfloat16 tiles are converted to float32 right after loading.
 
-On a GPU, block sizes, warps and pipeline stages are autotuned per (Lq, Lk, head dim, dtype) among
-configurations whose tiles fit in registers and shared memory; the interpreter runs one configuration.
+On a GPU, block sizes, warps and pipeline stages are autotuned per (Lq, Lk, head dim, dtype): pipelined
+tensor-core tiles that fit the registers and shared memory for float16/bfloat16, small tiles for float32.
+The interpreter runs one configuration.
 """
 
 from __future__ import annotations
@@ -58,53 +59,65 @@ def _block_d(head_dim: int) -> int:
 
 
 def _configs(row_block: str, loop_block: str):
-    """Candidate configurations: ``row_block`` rows per program, ``loop_block`` rows per loop step."""
+    """Candidate configurations: ``row_block`` rows per program, ``loop_block`` rows per loop step.
+
+    Two families, told apart by their row block: tiles of 64 or 128 rows for float16/bfloat16 on tensor
+    cores, and tiles of 16 or 32 rows for float32, whose IEEE products run on the FMA units with the
+    operands in registers (compiled for sm_90, float32 tiles of 64 rows spill hundreds of bytes)."""
     if _interpreting():
         return [triton.Config({row_block: _INTERPRETER_BLOCK, loop_block: _INTERPRETER_BLOCK}, num_warps=4)]
-    return [
+    tensor_core = [
         triton.Config({row_block: rows, loop_block: step}, num_warps=warps, num_stages=stages)
-        for rows in (32, 64, 128)
+        for rows in (64, 128)
         for step in (32, 64, 128)
         for warps in (4, 8)
         for stages in (2, 3, 4)
         # a program's resident block at least as tall as its streamed one: fewer, fuller programs
         if step <= rows
     ]
+    fma = [
+        triton.Config({row_block: rows, loop_block: step}, num_warps=warps, num_stages=2)
+        for rows, step in ((16, 16), (32, 16), (32, 32))
+        for warps in (4, 8)
+    ]
+    return tensor_core + fma
 
 
-def _prune(row_block: str, loop_block: str, resident: int):
-    """An ``early_config_prune`` keeping configurations whose tiles fit the register file and shared memory.
+def _prune(row_block: str, loop_block: str, accumulators: int, operands: int):
+    """An ``early_config_prune``: the family of the input dtype, and tiles that fit registers and shared memory.
 
-    ``resident`` counts the (rows × BLOCK_D) float32 tiles a program keeps in registers across the loop
-    (the forward's accumulator; the backward's two gradient tiles and its k, v or q, dO tiles)."""
+    ``accumulators`` counts the (rows × BLOCK_D) float32 tiles a program accumulates across its loop (the
+    forward's output, the backward's dk and dv or dq); ``operands`` the (rows × BLOCK_D) input tiles it
+    keeps (q; k and v; q and dO)."""
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         block_d = args["BLOCK_D"]
         elem = args["q_ptr"].element_size()
+        if elem == 4:
+            return [cfg for cfg in configs if cfg.kwargs[row_block] < 64]
         kept = []
         for cfg in configs:
             rows, step = cfg.kwargs[row_block], cfg.kwargs[loop_block]
-            threads = 32 * cfg.num_warps
-            # float32 values per thread: resident tiles plus the (rows × step) score tile
-            registers = (resident * rows * block_d + rows * step) // threads
-            # two streamed (step × BLOCK_D) operand tiles per pipeline stage, plus the resident operand
-            shared = (2 * step * block_d * cfg.num_stages + rows * block_d) * elem
-            if registers <= 160 and shared <= 160 * 1024:
+            if rows < 64:
+                continue
+            # float32 values per thread: accumulators plus the (rows × step) score tile
+            registers = (accumulators * rows * block_d + rows * step) // (32 * cfg.num_warps)
+            # two streamed (step × BLOCK_D) tiles per pipeline stage, plus the kept operand tiles
+            shared = (2 * step * block_d * cfg.num_stages + operands * rows * block_d) * elem
+            if registers <= 160 and shared <= 200 * 1024:
                 kept.append(cfg)
-        # 32-row programs only where no larger tile fits (the backward at head dim 256)
-        large = [cfg for cfg in kept if cfg.kwargs[row_block] >= 64]
-        kept = large or kept
-        return kept or [min(configs, key=lambda c: c.kwargs[row_block] * c.kwargs[loop_block] * c.num_stages)]
+        return kept or [min((cfg for cfg in configs if cfg.kwargs[row_block] >= 64),
+                            key=lambda c: (c.kwargs[row_block] * c.kwargs[loop_block], c.num_stages))]
 
     return prune
 
 
-def _tuned(row_block: str, loop_block: str, resident: int):
+def _tuned(row_block: str, loop_block: str, accumulators: int, operands: int):
     return triton.autotune(
         _configs(row_block, loop_block),
         key=["Lq", "Lk", "HEAD_DIM"],
-        prune_configs_by={"early_config_prune": _prune(row_block, loop_block, resident)},
+        prune_configs_by={"early_config_prune": _prune(row_block, loop_block, accumulators, operands)},
     )
 
 
@@ -142,6 +155,16 @@ def _store_tile(ptrs, value, rows, n_rows, d, HEAD_DIM: tl.constexpr, BLOCK_D: t
 
 
 @triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    """``a @ b (+ acc)`` in float32; IEEE keeps float32 operands exact instead of rounding them to TF32."""
+    if IEEE:
+        out = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc)
+    return out
+
+
+@triton.jit
 def _slice_base(ptr, bh, H, stride_b, stride_h):
     """Pointer to the (batch, head) slice ``bh`` = batch · H + head; 64-bit so large batches do not wrap."""
     b = bh // H
@@ -155,11 +178,12 @@ def _slice_base(ptr, bh, H, stride_b, stride_h):
 
 @triton.jit
 def _fwd_key_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, cols, Lk, d, qk_scale,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_KEYS: tl.constexpr, UPCAST: tl.constexpr):
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_KEYS: tl.constexpr, UPCAST: tl.constexpr,
+                   IEEE: tl.constexpr):
     """One online-softmax step over a block of keys; scores, running max and sum are in base 2."""
     k = _load_tile(k_ptrs, cols, Lk, d, HEAD_DIM, BLOCK_D, CHECK_KEYS, UPCAST)
     v = _load_tile(v_ptrs, cols, Lk, d, HEAD_DIM, BLOCK_D, CHECK_KEYS, UPCAST)
-    s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+    s = _dot(q, tl.trans(k), None, IEEE) * qk_scale
     if CHECK_KEYS:
         s = tl.where((cols < Lk)[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -167,7 +191,7 @@ def _fwd_key_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, cols, Lk, d, qk_scale,
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
+    acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
     return acc, m_new, l_i
 
 
@@ -191,6 +215,7 @@ def _attention_fwd_kernel(
     BLOCK_M: tl.constexpr,  # queries per program
     BLOCK_N: tl.constexpr,  # keys per loop step
     UPCAST: tl.constexpr,  # convert loaded tiles to float32 (bfloat16 under the interpreter)
+    IEEE: tl.constexpr,  # float32 operands: exact products, not TF32
 ):
     bh = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -210,13 +235,13 @@ def _attention_fwd_kernel(
         acc, m_i, l_i = _fwd_key_block(acc, m_i, l_i, q,
                                        k_base + n[:, None] * stride_kl + d[None, :] * stride_kd,
                                        v_base + n[:, None] * stride_vl + d[None, :] * stride_vd,
-                                       n, Lk, d, qk_scale, HEAD_DIM, BLOCK_D, False, UPCAST)
+                                       n, Lk, d, qk_scale, HEAD_DIM, BLOCK_D, False, UPCAST, IEEE)
     if full_blocks * BLOCK_N < Lk:
         n = full_blocks * BLOCK_N + cols
         acc, m_i, l_i = _fwd_key_block(acc, m_i, l_i, q,
                                        k_base + n[:, None] * stride_kl + d[None, :] * stride_kd,
                                        v_base + n[:, None] * stride_vl + d[None, :] * stride_vd,
-                                       n, Lk, d, qk_scale, HEAD_DIM, BLOCK_D, True, UPCAST)
+                                       n, Lk, d, qk_scale, HEAD_DIM, BLOCK_D, True, UPCAST, IEEE)
     o_base = _slice_base(o_ptr, bh, H, stride_ob, stride_oh)
     _store_tile(o_base + rows[:, None] * stride_ol + d[None, :] * stride_od, acc / l_i[:, None], rows, Lq, d,
                 HEAD_DIM, BLOCK_D)
@@ -224,7 +249,7 @@ def _attention_fwd_kernel(
     tl.store(lse_ptr + bh.to(tl.int64) * Lq + rows, lse, mask=rows < Lq)
 
 
-_attention_fwd = _tuned("BLOCK_M", "BLOCK_N", resident=1)(_attention_fwd_kernel)
+_attention_fwd = _tuned("BLOCK_M", "BLOCK_N", accumulators=1, operands=1)(_attention_fwd_kernel)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -259,7 +284,7 @@ def _attention_bwd_delta_kernel(
 @triton.jit
 def _bwd_query_block(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, rows, Lq, d, qk_scale,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr,
-                     UPCAST: tl.constexpr):
+                     UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """Add one block of queries' share to dk (still unscaled) and dv of this program's keys."""
     q = _load_tile(q_ptrs, rows, Lq, d, HEAD_DIM, BLOCK_D, CHECK_ROWS, UPCAST)
     do = _load_tile(do_ptrs, rows, Lq, d, HEAD_DIM, BLOCK_D, CHECK_ROWS, UPCAST)
@@ -270,13 +295,13 @@ def _bwd_query_block(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, rows, 
         lse = tl.load(lse_ptrs)
         delta = tl.load(delta_ptrs)
     # Pᵀ (keys × queries), recomputed in base 2: exp2(s·log2e − lse·log2e)
-    p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision="ieee") * qk_scale - lse[None, :] * 1.4426950408889634)
+    p_t = tl.exp2(_dot(k, tl.trans(q), None, IEEE) * qk_scale - lse[None, :] * 1.4426950408889634)
     if CHECK_ROWS:
         p_t = tl.where((rows < Lq)[None, :], p_t, 0.0)
-    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision="ieee")
-    dp_t = tl.dot(v, tl.trans(do), input_precision="ieee")
+    dv = _dot(p_t.to(do.dtype), do, dv, IEEE)
+    dp_t = _dot(v, tl.trans(do), None, IEEE)
     ds_t = p_t * (dp_t - delta[None, :])
-    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision="ieee")
+    dk = _dot(ds_t.to(q.dtype), q, dk, IEEE)
     return dk, dv
 
 
@@ -306,6 +331,7 @@ def _attention_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,  # keys per program
     BLOCK_M: tl.constexpr,  # queries per loop step
     UPCAST: tl.constexpr,  # convert loaded tiles to float32 (bfloat16 under the interpreter)
+    IEEE: tl.constexpr,  # float32 operands: exact products, not TF32
 ):
     bh = tl.program_id(1)
     keys = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -329,14 +355,14 @@ def _attention_bwd_dkdv_kernel(
                                   q_base + rows[:, None] * stride_ql + d[None, :] * stride_qd,
                                   do_base + rows[:, None] * stride_dol + d[None, :] * stride_dod,
                                   lse_ptr + stats + rows, delta_ptr + stats + rows,
-                                  rows, Lq, d, qk_scale, HEAD_DIM, BLOCK_D, False, UPCAST)
+                                  rows, Lq, d, qk_scale, HEAD_DIM, BLOCK_D, False, UPCAST, IEEE)
     if full_blocks * BLOCK_M < Lq:
         rows = full_blocks * BLOCK_M + rows0
         dk, dv = _bwd_query_block(dk, dv, k, v,
                                   q_base + rows[:, None] * stride_ql + d[None, :] * stride_qd,
                                   do_base + rows[:, None] * stride_dol + d[None, :] * stride_dod,
                                   lse_ptr + stats + rows, delta_ptr + stats + rows,
-                                  rows, Lq, d, qk_scale, HEAD_DIM, BLOCK_D, True, UPCAST)
+                                  rows, Lq, d, qk_scale, HEAD_DIM, BLOCK_D, True, UPCAST, IEEE)
     dk_base = _slice_base(dk_ptr, bh, H, stride_dkb, stride_dkh)
     dv_base = _slice_base(dv_ptr, bh, H, stride_dvb, stride_dvh)
     _store_tile(dk_base + keys[:, None] * stride_dkl + d[None, :] * stride_dkd, dk * sm_scale, keys, Lk, d,
@@ -348,16 +374,16 @@ def _attention_bwd_dkdv_kernel(
 @triton.jit
 def _bwd_key_block(dq, q, do, lse2, delta, k_ptrs, v_ptrs, cols, Lk, d, qk_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_KEYS: tl.constexpr,
-                   UPCAST: tl.constexpr):
+                   UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """Add one block of keys' share to dq (still unscaled) of this program's queries."""
     k = _load_tile(k_ptrs, cols, Lk, d, HEAD_DIM, BLOCK_D, CHECK_KEYS, UPCAST)
     v = _load_tile(v_ptrs, cols, Lk, d, HEAD_DIM, BLOCK_D, CHECK_KEYS, UPCAST)
-    p = tl.exp2(tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale - lse2[:, None])
+    p = tl.exp2(_dot(q, tl.trans(k), None, IEEE) * qk_scale - lse2[:, None])
     if CHECK_KEYS:
         p = tl.where((cols < Lk)[None, :], p, 0.0)
-    dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+    dp = _dot(do, tl.trans(v), None, IEEE)
     ds = p * (dp - delta[:, None])
-    return tl.dot(ds.to(k.dtype), k, dq, input_precision="ieee")
+    return _dot(ds.to(k.dtype), k, dq, IEEE)
 
 
 @triton.jit
@@ -384,6 +410,7 @@ def _attention_bwd_dq_kernel(
     BLOCK_M: tl.constexpr,  # queries per program
     BLOCK_N: tl.constexpr,  # keys per loop step
     UPCAST: tl.constexpr,  # convert loaded tiles to float32 (bfloat16 under the interpreter)
+    IEEE: tl.constexpr,  # float32 operands: exact products, not TF32
 ):
     bh = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -407,21 +434,21 @@ def _attention_bwd_dq_kernel(
         dq = _bwd_key_block(dq, q, do, lse2, delta,
                             k_base + n[:, None] * stride_kl + d[None, :] * stride_kd,
                             v_base + n[:, None] * stride_vl + d[None, :] * stride_vd,
-                            n, Lk, d, qk_scale, HEAD_DIM, BLOCK_D, False, UPCAST)
+                            n, Lk, d, qk_scale, HEAD_DIM, BLOCK_D, False, UPCAST, IEEE)
     if full_blocks * BLOCK_N < Lk:
         n = full_blocks * BLOCK_N + cols
         dq = _bwd_key_block(dq, q, do, lse2, delta,
                             k_base + n[:, None] * stride_kl + d[None, :] * stride_kd,
                             v_base + n[:, None] * stride_vl + d[None, :] * stride_vd,
-                            n, Lk, d, qk_scale, HEAD_DIM, BLOCK_D, True, UPCAST)
+                            n, Lk, d, qk_scale, HEAD_DIM, BLOCK_D, True, UPCAST, IEEE)
     dq_base = _slice_base(dq_ptr, bh, H, stride_dqb, stride_dqh)
     _store_tile(dq_base + rows[:, None] * stride_dql + d[None, :] * stride_dqd, dq * sm_scale, rows, Lq, d,
                 HEAD_DIM, BLOCK_D)
 
 
-# dk/dv keep k, v, dk and dv resident; dq keeps q, dO and dq
-_attention_bwd_dkdv = _tuned("BLOCK_N", "BLOCK_M", resident=4)(_attention_bwd_dkdv_kernel)
-_attention_bwd_dq = _tuned("BLOCK_M", "BLOCK_N", resident=3)(_attention_bwd_dq_kernel)
+# the dk/dv pass accumulates dk and dv over kept k and v; the dq pass dq over kept q and dO
+_attention_bwd_dkdv = _tuned("BLOCK_N", "BLOCK_M", accumulators=2, operands=2)(_attention_bwd_dkdv_kernel)
+_attention_bwd_dq = _tuned("BLOCK_M", "BLOCK_N", accumulators=1, operands=2)(_attention_bwd_dq_kernel)
 _DELTA_BLOCK = 64
 
 
@@ -475,7 +502,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor
     _attention_fwd[grid](
         q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         h, lq, lk, scale / _LN2,
-        HEAD_DIM=d, BLOCK_D=_block_d(d), UPCAST=_upcast(q.dtype),
+        HEAD_DIM=d, BLOCK_D=_block_d(d), UPCAST=_upcast(q.dtype), IEEE=q.dtype == torch.float32,
     )
     return o, lse
 
@@ -501,7 +528,7 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: T
     if q.numel() == 0:
         return dq, dk, dv
     lse = lse.contiguous()
-    block_d, upcast = _block_d(d), _upcast(q.dtype)
+    block_d, upcast, ieee = _block_d(d), _upcast(q.dtype), q.dtype == torch.float32
     delta = torch.empty_like(lse)
     _attention_bwd_delta_kernel[(triton.cdiv(lq, _DELTA_BLOCK), b * h)](
         o, do, delta, *o.stride(), *do.stride(), h, lq,
@@ -519,12 +546,12 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: T
     _attention_bwd_dkdv[key_grid](
         q, k, v, do, lse, delta, dk, dv, *strides, *dk.stride(), *dv.stride(),
         h, lq, lk, scale, qk_scale,
-        HEAD_DIM=d, BLOCK_D=block_d, UPCAST=upcast,
+        HEAD_DIM=d, BLOCK_D=block_d, UPCAST=upcast, IEEE=ieee,
     )
     _attention_bwd_dq[query_grid](
         q, k, v, do, lse, delta, dq, *strides, *dq.stride(),
         h, lq, lk, scale, qk_scale,
-        HEAD_DIM=d, BLOCK_D=block_d, UPCAST=upcast,
+        HEAD_DIM=d, BLOCK_D=block_d, UPCAST=upcast, IEEE=ieee,
     )
     return dq, dk, dv
 
