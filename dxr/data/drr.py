@@ -399,7 +399,7 @@ class DRRRenderer:
             ray = self.rays(axes, matrices[index], shift[index])
             planes = self.planes(axes)
             if self.backend == "triton":
-                from dxr.data.drr_triton import march_planes
+                from dxr.kernels.triton.drr import march_planes
 
                 values = march_planes(planes, ray.rays, ray.step)
             else:
