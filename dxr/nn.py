@@ -225,7 +225,8 @@ def _swap_norms(model: nn.Module, backend: Optional[str], swaps: list) -> None:
             child = parent._modules[name]
             if type(child) is not nn.GroupNorm or _has_hooks(child):
                 continue
-            follower = parent._modules[names[i + 1]] if isinstance(parent, nn.Sequential) and i + 1 < len(names) else None
+            in_sequence = isinstance(parent, nn.Sequential) and i + 1 < len(names)
+            follower = parent._modules[names[i + 1]] if in_sequence else None
             # a hook would see the norm's output, which the fused module never materialises
             silu = type(follower) is nn.SiLU and not _has_hooks(follower)
             fused = _fused_norm(child, silu, backend)
