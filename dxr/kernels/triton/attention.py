@@ -19,8 +19,11 @@ without row masks, the ragged last block with them.
 
 Precision: float16/bfloat16 operands go to tensor cores with float32 accumulation (the probabilities and
 dS are rounded to the input dtype for their products, as in FlashAttention); float32 operands use
-``input_precision="ieee"`` (exact float32 products, no TF32). Under Triton's interpreter, whose bfloat16
-products are wrong, bfloat16 tiles are converted to float32 right after loading.
+``input_precision="ieee"`` (exact float32 products, no TF32). As in FlashAttention, delta is taken from O
+as stored (in the input dtype), so with a sharply peaked softmax the half-precision dq and dk carry the
+rounding of O (about eps(dtype)·|dO|·|O|·scale·|k|) where an eager backward uses the exact probabilities.
+Under Triton's interpreter, whose bfloat16 products are wrong, bfloat16 tiles are converted to float32
+right after loading.
 
 On a GPU, block sizes, warps and pipeline stages are autotuned per (Lq, Lk, head dim, dtype): pipelined
 tensor-core tiles that fit the registers and shared memory for float16/bfloat16, small tiles for float32.
@@ -449,6 +452,7 @@ def _attention_bwd_dq_kernel(
 # the dk/dv pass accumulates dk and dv over kept k and v; the dq pass dq over kept q and dO
 _attention_bwd_dkdv = _tuned("BLOCK_N", "BLOCK_M", accumulators=2, operands=2)(_attention_bwd_dkdv_kernel)
 _attention_bwd_dq = _tuned("BLOCK_M", "BLOCK_N", accumulators=1, operands=2)(_attention_bwd_dq_kernel)
+# rows per program of the delta preprocess: one (64, BLOCK_D) tile of O and dO
 _DELTA_BLOCK = 64
 
 
