@@ -70,7 +70,7 @@ def test_compiled_model_has_no_graph_break_and_matches_eager():
     eager = model(x, style)
     (gx_eager,) = torch.autograd.grad(eager.square().sum(), x)
     torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True, )
+    compiled = torch.compile(model, fullgraph=True)
     out = compiled(x, style)
     (gx,) = torch.autograd.grad(out.square().sum(), x)
     assert_close(out, eager, torch.float32)
