@@ -1,0 +1,276 @@
+"""python -m dxr.train: every stage learns, resume continues exactly, checkpoints, reports, DDP, Ctrl-C.
+
+Everything runs on tiny 16² PNG folders made here, with tiny networks and a few steps.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import dxr.train as train_mod
+from dxr.training import stages
+from dxr.training.checkpoint import CHECKPOINT, load_trained, read_checkpoint
+from dxr.training.config import ConfigError, apply_overrides, differences, preset, replace
+from dxr.training.data import StepBatches
+from dxr.training.report import MetricsLog, save_grid, save_loss_curve
+
+SIZE = 16
+TINY = [
+    "unet.base_channels=8", "unet.channel_mult=1,2", "unet.num_res_blocks=1", "unet.attention_resolutions=8",
+    "unet.num_head_channels=8", "unet.num_groups=4", "timesteps=50", "sample_steps=3", "sdedit_t0=20",
+    "munit.dim=4", "munit.mlp_dim=8", "munit.n_downsample=1", "munit.n_res=1", "munit.dis_dim=4",
+    "munit.dis_layers=2", "munit.dis_scales=2",
+]
+
+
+def _write_png16(path: Path, array01: np.ndarray) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.round(array01 * 65535).astype(np.uint16)).save(path)
+
+
+def _image(rng: np.random.Generator, blur: bool) -> np.ndarray:
+    """A smooth random 'radiograph': a bright blob on a gradient; LQ images are blurred copies."""
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE] / SIZE
+    cx, cy, r = rng.uniform(0.3, 0.7, 3)
+    image = 0.3 + 0.4 * yy + 0.3 * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (0.05 * r))
+    image = image + 0.05 * rng.standard_normal((SIZE, SIZE))
+    if blur:
+        image = (image + np.roll(image, 1, 0) + np.roll(image, 1, 1) + np.roll(image, -1, 0)) / 4
+    return np.clip(image, 0, 1)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """root/{lq,hq}/{train,test}/*.png (16-bit) and pairs/{lq,hq}/*.png."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for domain in ("lq", "hq"):
+        for split, count in (("train", 12), ("test", 4)):
+            for i in range(count):
+                _write_png16(root / "set" / domain / split / f"{i:03d}.png", _image(rng, domain == "lq"))
+    for i in range(12):
+        hq = _image(rng, False)
+        _write_png16(root / "pairs" / "hq" / f"{i:03d}.png", hq)
+        _write_png16(root / "pairs" / "lq" / f"{i:03d}.png", (hq + np.roll(hq, 1, 0) + np.roll(hq, 1, 1)) / 3)
+    return root
+
+
+def _config(stage, data, out, **changes):
+    config = preset("cpu-demo", stage, data=str(data / "set"), pairs=str(data / "pairs"), out=str(out), image_size=SIZE,
+                    batch_size=4, num_samples=4, progress=False, log_every=1, **changes)
+    return apply_overrides(config, TINY)
+
+
+def _args(stage, data, out, *extra):
+    sets = [a for s in TINY for a in ("--set", s)]
+    return ["--stage", stage, "--data", str(data / "set"), "--pairs", str(data / "pairs"), "--out", str(out),
+            "--image-size", str(SIZE), "--batch-size", "4", "--no-progress", "--log-every", "1",
+            "--set", "num_samples=4", *sets, *extra]
+
+
+def _losses(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# --------------------------------------------------------------------------------------------------
+# learning
+
+
+def _fixed_batch_loss(net, config, batch, seed=123):
+    """The stage's loss on a batch with fixed randomness (MUNIT: its reconstruction terms)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        loss, parts = net(*batch, "gen" if config.stage == "lq-munit" else "loss")
+    return float(parts["recon_x"] + parts["recon_c"] + parts["recon_s"]) if config.stage == "lq-munit" else float(loss)
+
+
+@pytest.mark.parametrize("stage", ["lq-ddpm", "lq-munit", "hq-ddpm", "bicubic-ddpm"])
+def test_twenty_steps_lower_the_loss_on_a_fixed_batch(stage, data, tmp_path):
+    config = _config(stage, data, tmp_path, lr=3e-3)
+    torch.manual_seed(0)
+    net = stages.build_net(config, backend="torch")
+    updates = stages.make_updates(config, net)
+    dataset = stages.make_dataset(config)
+    batch = torch.utils.data.default_collate([dataset[i] for i in range(4)])
+    inputs = stages.inputs(config, batch, torch.device("cpu"))
+    before = _fixed_batch_loss(net, config, inputs)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    for step in range(20):
+        torch.manual_seed(step)
+        logs = train_mod.train_step(net, updates, inputs, config, scaler, torch.device("cpu"))
+        assert all(torch.isfinite(v) for v in logs.values()), logs
+    after = _fixed_batch_loss(net, config, inputs)
+    assert after < 0.9 * before, (before, after)
+
+
+def test_bf16_autocast_step_runs_and_keeps_float32_weights(data, tmp_path):
+    config = _config("hq-ddpm", data, tmp_path, precision="bf16")
+    net = stages.build_net(config)
+    updates = stages.make_updates(config, net)
+    dataset = stages.make_dataset(config)
+    inputs = stages.inputs(config, torch.utils.data.default_collate([dataset[i] for i in range(4)]), "cpu")
+    logs = train_mod.train_step(net, updates, inputs, config, torch.amp.GradScaler("cpu", enabled=False),
+                                torch.device("cpu"))
+    assert torch.isfinite(logs["loss"])
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+
+
+def test_bicubic_degradation_is_a_low_pass_of_the_same_size():
+    x = torch.rand(2, 1, 16, 16) * 2 - 1
+    y = stages.bicubic_degrade(x, 4)
+    assert y.shape == x.shape and y.abs().max() <= 1
+    smooth = lambda t: (t[..., 1:, :] - t[..., :-1, :]).abs().mean()  # noqa: E731
+    assert smooth(y) < 0.5 * smooth(x)
+
+
+# --------------------------------------------------------------------------------------------------
+# the command: outputs, resume, mismatches, Ctrl-C
+
+
+@pytest.mark.parametrize("stage", ["lq-ddpm", "lq-munit"])
+def test_resume_equals_an_uninterrupted_run(stage, data, tmp_path):
+    full, split = tmp_path / "full", tmp_path / "split"
+    args = ["--set", "ema=0.9"] if stage == "lq-ddpm" else []
+    assert train_mod.main(_args(stage, data, full, "--steps", "6", "--save-every", "3", *args)) == 0
+    assert train_mod.main(_args(stage, data, split, "--steps", "3", *args)) == 0
+    assert read_checkpoint(split).step == 3
+    assert train_mod.main(["--out", str(split), "--resume", "--steps", "6", "--no-progress"]) == 0
+
+    full_log, split_log = _losses(full), _losses(split)
+    assert [r["step"] for r in split_log] == list(range(1, 7))
+    keys = [k for k in full_log[0] if k not in ("steps_per_s",)]
+    assert [[r[k] for k in keys] for r in split_log] == [[r[k] for k in keys] for r in full_log]
+    a, b = read_checkpoint(full), read_checkpoint(split)
+    assert a.step == b.step == 6 and a.tensors.keys() == b.tensors.keys()
+    for key in a.tensors:
+        torch.testing.assert_close(a.tensors[key], b.tensors[key], atol=0, rtol=0, msg=key)
+
+
+@pytest.mark.parametrize("stage", ["hq-ddpm", "bicubic-ddpm"])
+def test_each_stage_writes_checkpoint_config_metrics_grid_and_curve(stage, data, tmp_path):
+    assert train_mod.main(_args(stage, data, tmp_path, "--steps", "4", "--sample-every", "2")) == 0
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_0000002.png", "step_0000004.png"]
+    from PIL import Image
+
+    grid = np.asarray(Image.open(tmp_path / "samples" / "step_0000004.png"))
+    assert grid.ndim == 2 and grid.std() > 0
+    assert Image.open(tmp_path / "loss.png").size == (640, 360)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["stage"] == stage and config["unet"]["cond_channels"] == 1
+    assert [r["step"] for r in _losses(tmp_path)] == [1, 2, 3, 4]
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    net, saved = load_trained(tmp_path)
+    assert saved.stage == stage and not net.training
+    lq = torch.rand(2, 1, SIZE, SIZE) * 2 - 1
+    assert net.sample((2, 1, SIZE, SIZE), cond=lq, steps=2).shape == lq.shape
+
+
+def test_resume_with_a_mismatched_config_fails_with_a_clear_message(data, tmp_path, capsys):
+    assert train_mod.main(_args("lq-ddpm", data, tmp_path, "--steps", "2")) == 0
+    code = train_mod.main(["--out", str(tmp_path), "--resume", "--image-size", "32", "--set", "unet.base_channels=16"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "cannot resume" in err and "image_size: checkpoint 16, this run 32" in err
+    assert "unet.base_channels: checkpoint 8, this run 16" in err
+    assert read_checkpoint(tmp_path).step == 2
+
+
+def test_missing_pairs_and_bad_settings_are_clear_errors(data, tmp_path, capsys):
+    assert train_mod.main(["--stage", "hq-ddpm", "--out", str(tmp_path), "--steps", "1"]) == 2
+    assert "--pairs" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="unknown setting 'unet.widht'"):
+        apply_overrides(preset("cpu-demo"), ["unet.widht=3"])
+    with pytest.raises(ConfigError, match="steps"):
+        apply_overrides(preset("cpu-demo"), ["steps=many"])
+    with pytest.raises(ConfigError, match="not a dxr training checkpoint"):
+        from safetensors.torch import save_file
+
+        save_file({"w": torch.ones(2)}, str(tmp_path / CHECKPOINT))
+        read_checkpoint(tmp_path)
+
+
+def test_ctrl_c_finishes_the_step_saves_and_exits(data, tmp_path, monkeypatch):
+    calls = []
+    real_step = train_mod.train_step
+
+    def interrupted_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C does, in the middle of step 3
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_step", interrupted_step)
+    assert train_mod.main(_args("lq-ddpm", data, tmp_path, "--steps", "50")) == 130
+    assert read_checkpoint(tmp_path).step == 3 and len(calls) == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_torchrun_two_gloo_processes_train_and_rank0_saves_once(data, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env.pop("TRITON_INTERPRET", None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "dxr.train", *_args("lq-ddpm", data, tmp_path, "--steps", "3", "--device", "cpu",
+                                         "--save-every", "100")]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("done at step 3") == 1  # rank 0 alone reports
+    assert "on cpu x2" in result.stdout
+    assert [r["step"] for r in _losses(tmp_path)] == [1, 2, 3]  # one writer
+    checkpoint = read_checkpoint(tmp_path)
+    assert checkpoint.step == 3 and checkpoint.state["data"]["world_size"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.safetensors", "config.json", "loss.png",
+                                                          "metrics.jsonl", "samples"]
+
+
+# --------------------------------------------------------------------------------------------------
+# parts
+
+
+def test_step_batches_resume_mid_stream_and_split_epochs_across_ranks():
+    def take(sampler, n):
+        it = iter(sampler)
+        return [next(it) for _ in range(n)]
+
+    whole = take(StepBatches(10, 3, seed=5), 8)
+    assert take(StepBatches(10, 3, seed=5, start=5), 3) == whole[5:]
+    assert sorted(i for i, _ in sum(whole[:3], []) + whole[3][:1]) == list(range(10))  # epoch 0 is a permutation
+    assert whole != take(StepBatches(10, 3, seed=6), 8)
+    ranks = [take(StepBatches(10, 5, seed=1, rank=r, world_size=2), 1)[0] for r in range(2)]
+    assert sorted(i for batch in ranks for i, _ in batch) == list(range(10))
+    seeds = [s for batch in whole for _, s in batch]
+    assert len(set(seeds)) == len(seeds)
+
+
+def test_config_differences_ignore_run_length_and_reporting():
+    a = preset("cpu-demo")
+    assert differences(a, replace(a, steps=10, sample_every=3, device="cuda", out="x")) == []
+    assert differences(a, replace(a, lr=1.0)) == [f"lr: checkpoint {a.lr!r}, this run 1.0"]
+    assert preset("cpu-demo", "hq-ddpm").unet.cond_channels == 1
+    assert preset("cpu-demo", "lq-ddpm").unet.cond_channels == 0
+    paper = preset("paper")
+    assert paper.image_size == 256 and paper.unet.image_size == 256 and paper.precision == "bf16"
+
+
+def test_metrics_log_drops_records_after_the_resumed_step_and_plots(tmp_path):
+    log = MetricsLog(tmp_path)
+    for step in range(1, 6):
+        log.append({"step": step, "loss": 1.0 / step, "gen": 2.0 / step, "gen/gan": 0.1, "lr": 1e-3})
+    resumed = MetricsLog(tmp_path, resume_step=3)
+    assert [r["step"] for r in resumed.records] == [1, 2, 3]
+    assert sorted(resumed.series()) == ["gen", "loss"]
+    assert save_loss_curve(resumed.series(), tmp_path / "loss.png").is_file()
+    assert save_loss_curve({}, tmp_path / "none.png") is None
+    path = save_grid([("a", torch.rand(5, 1, 8, 8) * 2 - 1), ("b", -torch.ones(3, 1, 8, 8))], tmp_path / "g.png",
+                     columns=4)
+    from PIL import Image
+
+    assert Image.open(path).size == (4 * 10 + 2, 3 * (8 + 12 + 2) + 2)
