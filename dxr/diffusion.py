@@ -283,6 +283,6 @@ class GaussianDiffusion(nn.Module):
 
 
 __all__ = [
-    "GaussianDiffusion", "linear_schedule", "cosine_schedule", "make_schedule", "step_seeds", "training_loss", "ddpm_sample",
-    "ddim_timesteps", "ddim_sample", "low_pass", "ilvr_guide", "sdedit",
+    "GaussianDiffusion", "linear_schedule", "cosine_schedule", "make_schedule", "step_seeds", "training_loss",
+    "ddpm_sample", "ddim_timesteps", "ddim_sample", "low_pass", "ilvr_guide", "sdedit",
 ]

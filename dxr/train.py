@@ -13,7 +13,6 @@ The pieces: ``dxr.training.config`` (settings, presets), ``stages`` (networks, d
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import os
 import signal
@@ -146,8 +145,8 @@ def train(config: TrainConfig) -> Path:
     start = restore(checkpoint, net=net, ema=ema, optimizers=optimizers, scaler=scaler) if checkpoint else 0
     sampler = StepBatches(len(dataset), config.batch_size, seed=config.seed, start=start, rank=rank, world_size=world)
     if checkpoint is not None and checkpoint.state["data"] != sampler.state():
-        raise ConfigError(f"cannot resume from {checkpoint.path} exactly: the data order was {checkpoint.state['data']}, "
-                         f"now {sampler.state()} (a changed dataset or number of processes)")
+        raise ConfigError(f"cannot resume from {checkpoint.path} exactly: the data order was "
+                          f"{checkpoint.state['data']}, now {sampler.state()} (a changed dataset or number of processes)")
     loader = torch.utils.data.DataLoader(SeededItems(dataset), batch_sampler=sampler, num_workers=config.num_workers,
                                          pin_memory=device.type == "cuda", persistent_workers=config.num_workers > 0)
     model = net
@@ -179,7 +178,8 @@ def train(config: TrainConfig) -> Path:
 
     if master:
         size = sum(p.numel() for p in net.parameters())
-        print(f"dxr.train {config.stage}: {len(dataset)} images from {stages.data_root(config) if config.stage != 'hq-ddpm' else config.pairs}, "
+        source = config.pairs if config.stage == "hq-ddpm" else stages.data_root(config)
+        print(f"dxr.train {config.stage}: {len(dataset)} images from {source}, "
               f"{size / 1e6:.2f} M parameters, {config.steps} steps of batch {config.batch_size} at "
               f"{config.image_size}² on {device}{f' x{world}' if world > 1 else ''} ({config.preset} preset, "
               f"{config.precision}) -> {out}" + (f", resuming at step {start}" if checkpoint else ""), flush=True)
@@ -208,8 +208,9 @@ def train(config: TrainConfig) -> Path:
             at_log = step % config.log_every == 0 or step == config.steps
             if at_log and master:
                 now = time.perf_counter()
-                record = {"step": step, **{k: round(float(v) / (step - window_start), 6) for k, v in sums.items()},
-                          "lr": learning_rate(config, step - 1), "steps_per_s": round((step - window_start) / (now - window_time), 3)}
+                window = step - window_start
+                record = {"step": step, **{k: round(float(v) / window, 6) for k, v in sums.items()},
+                          "lr": learning_rate(config, step - 1), "steps_per_s": round(window / (now - window_time), 3)}
                 log.append(record)
                 if progress is not None:
                     progress.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k in optimizers})
@@ -249,8 +250,7 @@ def train(config: TrainConfig) -> Path:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dxr.train", description=__doc__.split("\n\n")[0],
-                                argument_default=argparse.SUPPRESS,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                argument_default=argparse.SUPPRESS)
     p.add_argument("--stage", choices=STAGES, help="what to train (default lq-ddpm)")
     p.add_argument("--preset", choices=PRESETS, help="cpu-demo (default on a CPU) or paper (default on a GPU); "
                    "see dxr/training/config.py")

@@ -151,7 +151,8 @@ class Decoder(nn.Module):
         )
         layers: list[nn.Module] = []
         for _ in range(c.n_downsample):
-            layers += [nn.Upsample(scale_factor=2, mode="nearest"), ConvBlock(dim, dim // 2, 5, norm="layer", backend=backend)]
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"),
+                       ConvBlock(dim, dim // 2, 5, norm="layer", backend=backend)]
             dim //= 2
         layers += [_conv(dim, c.channels, 7), nn.Tanh()]
         self.up = nn.Sequential(*layers)
@@ -210,6 +211,11 @@ def lsgan_loss(outputs: list[Tensor], target: float) -> Tensor:
     return sum(F.mse_loss(o.float(), torch.full_like(o.float(), target)) for o in outputs)
 
 
+def _l1(a: Tensor, b: Tensor) -> Tensor:
+    """Mean absolute difference, in float32."""
+    return F.l1_loss(a.float(), b.float())
+
+
 def _init_weights(module: nn.Module, kind: str) -> None:
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
@@ -256,7 +262,10 @@ class MUNIT(nn.Module):
     def lq_to_hq(self, x_lq: Tensor, hq_style_image: Optional[Tensor] = None) -> Tensor:
         """LQ → HQ, the mirror of :meth:`hq_to_lq`."""
         content = self.gen_lq.content(x_lq)
-        style = self.random_style(x_lq) if hq_style_image is None else self.gen_hq.style(hq_style_image).expand(x_lq.shape[0], -1)
+        if hq_style_image is None:
+            style = self.random_style(x_lq)
+        else:
+            style = self.gen_hq.style(hq_style_image).expand(x_lq.shape[0], -1)
         return self.gen_hq.decode(content, style)
 
     def generator_loss(self, x_lq: Tensor, x_hq: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -275,16 +284,16 @@ class MUNIT(nn.Module):
         content_lq_recon, style_hq_recon = self.gen_hq.encode(lq_to_hq)
         parts = {
             "gan": lsgan_loss(self.dis_lq(hq_to_lq), 1.0) + lsgan_loss(self.dis_hq(lq_to_hq), 1.0),
-            "recon_x": F.l1_loss(lq_recon.float(), x_lq.float()) + F.l1_loss(hq_recon.float(), x_hq.float()),
-            "recon_s": F.l1_loss(style_lq_recon.float(), style_lq.float()) + F.l1_loss(style_hq_recon.float(), style_hq.float()),
-            "recon_c": F.l1_loss(content_hq_recon.float(), content_hq.float()) + F.l1_loss(content_lq_recon.float(), content_lq.float()),
+            "recon_x": _l1(lq_recon, x_lq) + _l1(hq_recon, x_hq),
+            "recon_s": _l1(style_lq_recon, style_lq) + _l1(style_hq_recon, style_hq),
+            "recon_c": _l1(content_hq_recon, content_hq) + _l1(content_lq_recon, content_lq),
         }
         loss = (c.gan_w * parts["gan"] + c.recon_x_w * parts["recon_x"] + c.recon_s_w * parts["recon_s"]
                 + c.recon_c_w * parts["recon_c"])
         if c.recon_x_cyc_w > 0:
             lq_cycle = self.gen_lq.decode(content_lq_recon, style_lq_own)
             hq_cycle = self.gen_hq.decode(content_hq_recon, style_hq_own)
-            parts["recon_cyc"] = F.l1_loss(lq_cycle.float(), x_lq.float()) + F.l1_loss(hq_cycle.float(), x_hq.float())
+            parts["recon_cyc"] = _l1(lq_cycle, x_lq) + _l1(hq_cycle, x_hq)
             loss = loss + c.recon_x_cyc_w * parts["recon_cyc"]
         return loss, parts
 

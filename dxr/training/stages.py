@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from dxr.diffusion import GaussianDiffusion, make_schedule
 from dxr.models.munit import MUNIT
 from dxr.models.unet import UNet
-from dxr.training.config import CONDITIONAL_STAGES, ConfigError, TrainConfig
+from dxr.training.config import ConfigError, TrainConfig
 
 
 def build_net(config: TrainConfig, backend: Optional[str] = None) -> nn.Module:
@@ -169,4 +169,4 @@ def sample_rows(config: TrainConfig, net: nn.Module, preview: dict[str, Tensor],
 
 
 __all__ = ["build_net", "make_updates", "Update", "make_dataset", "inputs", "preview_images", "sample_rows",
-           "bicubic_degrade", "data_root", "CONDITIONAL_STAGES"]
+           "bicubic_degrade", "data_root"]

@@ -1,0 +1,195 @@
+"""dxr.diffusion: the training loss, the DDPM/DDIM samplers, SDEdit and ILVR, held against the equations
+written out here with the reference ops, on every dtype; timesteps stay on the device and every step
+gets its own seed."""
+
+import pytest
+import torch
+
+import dxr.ops as ops
+from helpers import DEVICE, DTYPES, assert_close, randn
+from dxr import diffusion
+from dxr.diffusion import (GaussianDiffusion, ddim_sample, ddim_timesteps, ddpm_sample, ilvr_guide, low_pass,
+                           make_schedule, sdedit, step_seeds, training_loss)
+from dxr.kernels import reference
+
+
+class Affine(torch.nn.Module):
+    """A toy denoiser whose output depends on x, t and cond: enough to test the plumbing exactly."""
+
+    def __init__(self, cond: bool = False):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(0.7))
+        self.cond = cond
+        self.calls = []
+
+    def forward(self, x, t, cond=None):
+        self.calls.append(t)
+        out = self.w * x + 1e-3 * t.view(-1, *[1] * (x.dim() - 1)).to(x.dtype)
+        return out + 0.1 * cond if self.cond else out
+
+
+def _schedule(n=40, name="linear"):
+    return make_schedule(name, n).to(DEVICE)
+
+
+def test_make_schedule_rejects_unknown_names_and_sizes():
+    assert make_schedule("cosine", 10).dtype == torch.float64
+    with pytest.raises(ValueError, match="schedule"):
+        make_schedule("quadratic", 10)
+    with pytest.raises(ValueError, match="num_steps"):
+        make_schedule("linear", 0)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_training_loss_is_the_mse_to_the_eps_or_v_target(prediction, dtype):
+    ac = _schedule()
+    x0 = randn(3, 1, 6, 5, dtype=dtype, seed=0)
+    model = Affine(cond=True).to(DEVICE)
+    cond = randn(3, 1, 6, 5, dtype=dtype, seed=1)
+    torch.manual_seed(7)
+    loss = training_loss(model, x0, ac, cond=cond, prediction=prediction)
+    torch.manual_seed(7)
+    t = torch.randint(0, 40, (3,), device=DEVICE)
+    eps = torch.randn_like(x0)
+    ab = ac[t].float().view(-1, 1, 1, 1)
+    x_t = (ab.sqrt() * x0.float() + (1 - ab).sqrt() * eps.float()).to(dtype)
+    target = eps.float() if prediction == "eps" else ab.sqrt() * eps.float() - (1 - ab).sqrt() * x0.float()
+    expected = (model(x_t, t, cond).float() - target).square().mean()
+    assert loss.dtype == torch.float32
+    assert_close(loss, expected, dtype)
+    loss.backward()
+    assert model.w.grad is not None
+
+
+def test_ddim_eta_zero_is_deterministic_and_follows_eq12():
+    ac = _schedule()
+    x_T = randn(2, 1, 4, 4, seed=2)
+    model = Affine().to(DEVICE)
+    a = ddim_sample(model, x_T, ac, steps=5, seed=1)
+    b = ddim_sample(model, x_T, ac, steps=5, seed=999)
+    assert torch.equal(a, b)
+    sequence = ddim_timesteps(39, 5)
+    x = x_T.float()
+    for t, t_prev in zip(sequence, sequence[1:] + [-1]):
+        tt = torch.full((2,), t, device=DEVICE)
+        x = reference.ddim_step(x, model(x, tt), tt, torch.full((2,), t_prev, device=DEVICE), ac, clip_x0=1.0)
+    assert_close(a, x, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ddpm_sampler_is_algorithm_2_with_a_new_seed_each_step(dtype, monkeypatch):
+    ac = _schedule(12)
+    x_T = randn(2, 1, 4, 4, dtype=dtype, seed=3)
+    model = Affine().to(DEVICE, dtype)
+    seen = []
+    real_step = ops.ddpm_step
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["seed"])
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(diffusion.ops, "ddpm_step", spy)
+    out = ddpm_sample(model, x_T, ac, seed=5)
+    assert out.dtype == dtype and len(seen) == 12 and len(set(seen)) == 12
+    assert seen == step_seeds(5, 12)
+    x = x_T
+    for i, t in enumerate(range(11, -1, -1)):
+        tt = torch.full((2,), t, device=DEVICE)
+        x = reference.ddpm_step(x, model(x, tt), tt, ac, clip_x0=1.0, seed=seen[i])
+    assert_close(out, x, dtype)
+    assert torch.equal(ddpm_sample(model, x_T, ac, seed=5), out)
+    assert not torch.equal(ddpm_sample(model, x_T, ac, seed=6), out)
+
+
+def test_samplers_keep_timesteps_on_the_device_one_tensor_per_sample():
+    ac = _schedule(20)
+    model = Affine().to(DEVICE)
+    ddim_sample(model, randn(3, 1, 4, 4), ac, steps=4, eta=0.5)
+    ddpm_sample(model, randn(3, 1, 4, 4), ac, t_start=5)
+    assert len(model.calls) == 4 + 6
+    assert all(t.shape == (3,) and t.dtype == torch.int64 and t.device.type == torch.device(DEVICE).type
+               for t in model.calls)
+    assert [int(t[0]) for t in model.calls] == [19, 13, 6, 0, 5, 4, 3, 2, 1, 0]
+
+
+def test_ddim_timesteps_span_the_range_without_repeats():
+    assert ddim_timesteps(999, 5) == [999, 749, 500, 250, 0]
+    assert ddim_timesteps(3, 10) == [3, 2, 1, 0]
+    assert ddim_timesteps(7, 1) == [7]
+    for t_start in range(1, 60):
+        for steps in range(1, 12):
+            seq = ddim_timesteps(t_start, steps)
+            assert seq[0] == t_start and seq[-1] == (0 if steps > 1 else t_start) and seq == sorted(set(seq))[::-1]
+    with pytest.raises(ValueError):
+        ddim_timesteps(10, 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sdedit_at_t0_zero_returns_its_input(dtype):
+    x = randn(2, 1, 8, 8, dtype=dtype, seed=4)
+    out = sdedit(Affine().to(DEVICE), x, _schedule(), 0)
+    assert torch.equal(out, x) and out is not x
+    with pytest.raises(ValueError, match="t0"):
+        sdedit(Affine(), x, _schedule(), 41)
+
+
+def test_sdedit_noises_to_t0_then_runs_the_reverse_chain_from_there(monkeypatch):
+    ac = _schedule()
+    x = randn(2, 1, 8, 8, seed=5).clamp(-1, 1)
+    model = Affine().to(DEVICE)
+    out = sdedit(model, x, ac, 10, seed=3)
+    assert [int(t[0]) for t in model.calls] == list(range(9, -1, -1))
+    assert torch.equal(out, sdedit(model, x, ac, 10, seed=3))
+    model.calls.clear()
+    sdedit(model, x, ac, 40, steps=4, seed=3)
+    assert [int(t[0]) for t in model.calls] == ddim_timesteps(39, 4)
+
+
+def test_ilvr_keeps_the_low_frequencies_of_the_reference():
+    ac = _schedule()
+    x = randn(2, 1, 16, 16, seed=6).clamp(-1, 1)
+    model = Affine().to(DEVICE)
+    free = sdedit(model, x, ac, 40, seed=1)
+    guided = sdedit(model, x, ac, 40, seed=1, ilvr_factor=4)
+    error = lambda y: (low_pass(y, 4) - low_pass(x, 4)).abs().mean()  # noqa: E731
+    assert error(guided) < 0.2 * error(free)
+    with pytest.raises(ValueError, match="ILVR factor"):
+        ilvr_guide(x, ac, 3)
+
+
+def test_ilvr_guide_is_the_update_of_choi_et_al():
+    ac = _schedule()
+    y, x = randn(1, 1, 8, 8, seed=7), randn(1, 1, 8, 8, seed=8)
+    guide = ilvr_guide(y, ac, 2, seed=0)
+    assert_close(guide(x, -1), x + low_pass(y, 2) - low_pass(x, 2), torch.float32)
+    noise = torch.randn(y.shape, generator=torch.Generator(device=DEVICE).manual_seed(0), device=DEVICE)
+    y_t = reference.q_sample(y, noise, torch.tensor([5], device=DEVICE), ac)
+    assert_close(ilvr_guide(y, ac, 2, seed=0)(x, 5), x + low_pass(y_t, 2) - low_pass(x, 2), torch.float32)
+
+
+def test_gaussian_diffusion_keeps_its_schedule_in_float64_and_samples():
+    model = GaussianDiffusion(Affine(cond=True), _schedule(30, "cosine"), prediction="v").to(DEVICE)
+    model = model.to(torch.bfloat16).float()
+    assert model.alphas_cumprod(torch.device(DEVICE)).dtype == torch.float64
+    cond = randn(2, 1, 4, 4)
+    loss, parts = model(randn(2, 1, 4, 4), cond)
+    assert loss.ndim == 0 and parts == {}
+    a = model.sample((2, 1, 4, 4), cond=cond, steps=3, seed=4)
+    assert torch.equal(a, model.sample((2, 1, 4, 4), cond=cond, steps=3, seed=4))
+    assert model.sample((2, 1, 4, 4), cond=cond, seed=4).shape == (2, 1, 4, 4)
+    with pytest.raises(ValueError, match="part"):
+        model(randn(2, 1, 4, 4), cond, "gen")
+
+
+def test_samplers_on_the_triton_kernels_match_the_reference():
+    """The sampler kernels drawn in-kernel differ from torch.randn, so compare the deterministic paths."""
+    ac = _schedule(20)
+    model = Affine().to(DEVICE)
+    x_T = randn(2, 1, 8, 8, seed=9)
+    for prediction in ("eps", "v"):
+        expected = ddim_sample(model, x_T, ac, steps=5, prediction=prediction, backend="torch")
+        got = ddim_sample(model, x_T, ac, steps=5, prediction=prediction, backend="triton")
+        assert_close(got, expected, torch.float32)
+    a = ddpm_sample(model, x_T, ac, seed=2, backend="triton")
+    assert torch.equal(a, ddpm_sample(model, x_T, ac, seed=2, backend="triton")) and torch.isfinite(a).all()
