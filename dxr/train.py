@@ -249,7 +249,7 @@ def train(config: TrainConfig) -> Path:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dxr.train", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m dxr.train", description=__doc__.split("\n\n")[0].replace("``", ""),
                                 argument_default=argparse.SUPPRESS)
     p.add_argument("--stage", choices=STAGES, help="what to train (default lq-ddpm)")
     p.add_argument("--preset", choices=PRESETS, help="cpu-demo (default on a CPU) or paper (default on a GPU); "

@@ -134,8 +134,9 @@ def test_munit_translation_shapes_and_finite_losses(dtype):
     assert all(torch.isfinite(v) and v > 0 for v in parts.values()) and torch.isfinite(gen_loss)
     weighted = parts["gan"] + 10 * parts["recon_x"] + parts["recon_s"] + parts["recon_c"] + 10 * parts["recon_cyc"]
     torch.testing.assert_close(gen_loss, weighted)
-    dis_loss, _ = model(lq, hq, "dis")
-    assert torch.isfinite(dis_loss)
+    dis_loss, dis_parts = model(lq, hq, "dis")
+    assert torch.isfinite(dis_loss) and set(dis_parts) == {"lq", "hq"}
+    torch.testing.assert_close(dis_loss, dis_parts["lq"] + dis_parts["hq"])
 
 
 def test_munit_updates_reach_only_their_own_networks():

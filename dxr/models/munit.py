@@ -308,8 +308,7 @@ class MUNIT(nn.Module):
             scores = dis(torch.cat([real, fake.to(real.dtype)]))
             n = real.shape[0]
             losses.append(lsgan_loss([s[:n] for s in scores], 1.0) + lsgan_loss([s[n:] for s in scores], 0.0))
-        loss = self.config.gan_w * (losses[0] + losses[1])
-        return loss, {"dis": losses[0] + losses[1]}
+        return self.config.gan_w * (losses[0] + losses[1]), {"lq": losses[0], "hq": losses[1]}
 
     def forward(self, x_lq: Tensor, x_hq: Tensor, part: str) -> tuple[Tensor, dict[str, Tensor]]:
         if part == "gen":
