@@ -106,7 +106,9 @@ def bicubic_degrade(x: Tensor, factor: int) -> Tensor:
 
 def inputs(config: TrainConfig, batch, device) -> tuple:
     """A loader batch → the network's inputs on ``device``: (x0, cond) for the DDPMs, (lq, hq) for MUNIT."""
-    move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+    def move(t: Tensor) -> Tensor:
+        return t.to(device, non_blocking=True)
+
     if config.stage == "lq-ddpm":
         return move(batch), None
     if config.stage == "bicubic-ddpm":
@@ -149,7 +151,8 @@ def sample_rows(config: TrainConfig, net: nn.Module, preview: dict[str, Tensor],
     preview = {k: v.to(device) for k, v in preview.items()}
     if config.stage == "lq-munit":
         torch.manual_seed(seed)  # the random styles
-        hq, lq = preview["hq"], preview["lq"][: preview["hq"].shape[0]]
+        count = min(preview["hq"].shape[0], preview["lq"].shape[0])
+        hq, lq = preview["hq"][:count], preview["lq"][:count]
         return [("HQ", hq), ("HQ -> LQ, random style", net.hq_to_lq(hq)),
                 ("HQ -> LQ, style of the LQ below", net.hq_to_lq(hq, lq)), ("LQ", lq)]
     steps = config.sample_steps
