@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test bench gpu-check clean
+.PHONY: install test demo bench gpu-check clean
 
 $(STAMP): pyproject.toml setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# the main job on the embedded default data: trains DDPM-LQ (cpu-demo preset on a CPU) into runs/lq-ddpm
+demo: $(STAMP)
+	$(PY) -m dxr.train --stage lq-ddpm
 
 bench: $(STAMP)
 	$(PY) -m pytest bench --benchmark-only
