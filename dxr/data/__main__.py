@@ -9,6 +9,14 @@ from typing import Optional, Sequence
 from dxr.data.build import DRRSettings, build_ct_drrs, build_default
 
 
+def _add_run_options(parser: argparse.ArgumentParser, *, rebuild_help: str) -> None:
+    """The options both commands share: seed, device, rebuild, progress bars."""
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--device", default=None, help="render on this torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--rebuild", action="store_true", help=rebuild_help)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dxr.data", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -23,10 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     default.add_argument("--max-nodules", type=int, default=3, help="nodules per nodule volume, 1..N (default 3)")
     default.add_argument("--samples", type=int, default=256, help="samples per ray (default 256)")
     default.add_argument("--hq-fov-mm", type=float, default=130.0, help="field of view of an HQ crop in mm (default 130)")
-    default.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    default.add_argument("--device", default=None, help="render on this torch device (default: cuda if available, else cpu)")
-    default.add_argument("--rebuild", action="store_true", help="replace an existing dataset at --out")
-    default.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_run_options(default, rebuild_help="replace an existing dataset at --out")
 
     ct = commands.add_parser("drr", help="render DRRs (optionally with nodules) of your own CT")
     ct.add_argument("--ct", required=True, help="CT volume: NIfTI file or a folder holding one DICOM series")
@@ -37,10 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     ct.add_argument("--suppress-contrast", action="store_true", help="reset contrast-filled vessels to blood HU (needs --mask)")
     ct.add_argument("--image-size", type=int, default=256, help="side of every DRR in pixels (default 256)")
     ct.add_argument("--samples", type=int, default=256, help="samples per ray (default 256)")
-    ct.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    ct.add_argument("--device", default=None, help="render on this torch device (default: cuda if available, else cpu)")
-    ct.add_argument("--rebuild", action="store_true", help="replace an existing output folder")
-    ct.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_run_options(ct, rebuild_help="replace an existing output folder")
     return parser
 
 

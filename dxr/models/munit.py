@@ -252,21 +252,16 @@ class MUNIT(nn.Module):
     def hq_to_lq(self, x_hq: Tensor, lq_style_image: Optional[Tensor] = None) -> Tensor:
         """HQ → LQ: the HQ content decoded with a random LQ style, or with the style of ``lq_style_image``
         (one image, broadcast, or one per HQ image)."""
-        content = self.gen_hq.content(x_hq)
-        if lq_style_image is None:
-            style = self.random_style(x_hq)
-        else:
-            style = self.gen_lq.style(lq_style_image).expand(x_hq.shape[0], -1)
-        return self.gen_lq.decode(content, style)
+        return self._translate(self.gen_hq, self.gen_lq, x_hq, lq_style_image)
 
     def lq_to_hq(self, x_lq: Tensor, hq_style_image: Optional[Tensor] = None) -> Tensor:
         """LQ → HQ, the mirror of :meth:`hq_to_lq`."""
-        content = self.gen_lq.content(x_lq)
-        if hq_style_image is None:
-            style = self.random_style(x_lq)
-        else:
-            style = self.gen_hq.style(hq_style_image).expand(x_lq.shape[0], -1)
-        return self.gen_hq.decode(content, style)
+        return self._translate(self.gen_lq, self.gen_hq, x_lq, hq_style_image)
+
+    def _translate(self, source, target, x: Tensor, style_image: Optional[Tensor]) -> Tensor:
+        content = source.content(x)
+        style = self.random_style(x) if style_image is None else target.style(style_image).expand(x.shape[0], -1)
+        return target.decode(content, style)
 
     def generator_loss(self, x_lq: Tensor, x_hq: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """The generators' objective: GAN + image, style and content reconstruction (+ cycle) terms."""
