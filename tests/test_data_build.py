@@ -112,19 +112,19 @@ def test_failed_build_leaves_nothing_and_existing_folders_are_protected(tmp_path
         raise RuntimeError("interrupted")
 
     with pytest.raises(RuntimeError, match="interrupted"):
-        build._atomic_build(tmp_path / "data", False, broken)
+        build.atomic_build(tmp_path / "data", False, broken)
     assert list(tmp_path.iterdir()) == []
 
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "keep.txt").write_text("user data")
     with pytest.raises(FileExistsError, match="not empty"):
-        build._atomic_build(tmp_path / "mine", False, lambda folder: None)
+        build.atomic_build(tmp_path / "mine", False, lambda folder: None)
     assert (tmp_path / "mine" / "keep.txt").read_text() == "user data"
 
     def complete(folder):
         (folder / "manifest.json").write_text("{}")
 
-    assert build._atomic_build(tmp_path / "mine", True, complete) == tmp_path / "mine"
+    assert build.atomic_build(tmp_path / "mine", True, complete) == tmp_path / "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"] and (tmp_path / "mine" / "manifest.json").is_file()
 
 

