@@ -4,7 +4,8 @@
   into LQ-looking ones. Data: ``<data>/lq/train`` (or ``<data>`` itself when it is a plain image folder).
 - ``lq-munit``: MUNIT between LQ and HQ, unpaired. Data: ``<data>/lq/train`` and ``<data>/hq/train``.
 - ``hq-ddpm``: the conditional (SR3) DDPM that restores LQ → HQ, trained on ``--pairs`` (``lq/``,
-  ``hq/`` with matching names), the paired folder made by synthesis.
+  ``hq/`` with matching names), the paired folder made by synthesis. Its grids show the held-out pairs
+  beside them (``<pairs>/../test``) and, with ``--data``, real DRRs (``<data>/lq/test``) restored.
 - ``bicubic-ddpm``: the same conditional DDPM on HQ images degraded by bicubic down- and up-sampling
   on the fly (the baseline). Data: ``<data>/hq/train`` (or a plain image folder).
 
@@ -90,12 +91,19 @@ def make_dataset(config: TrainConfig):
         if config.pairs is None:
             raise ConfigError("hq-ddpm trains on paired (LQ, HQ) images: pass --pairs, a folder with lq/ and hq/ "
                              "holding images of the same names (as python -m dxr.synth writes)")
-        return PairedFolder(config.pairs, size)
+        return PairedFolder(config.pairs, size, augment=True)
     root = data_root(config)
     if config.stage == "lq-munit":
-        return UnpairedFolders(_domain(root, "lq"), _domain(root, "hq"), size)
+        return UnpairedFolders(_domain(root, "lq"), _domain(root, "hq"), size, augment=True)
     domain = "lq" if config.stage == "lq-ddpm" else "hq"
-    return ImageFolder(_domain(root, domain, plain_ok=True), size)
+    return ImageFolder(_domain(root, domain, plain_ok=True), size, augment=True)
+
+
+def held_out_pairs(pairs: Path) -> Path:
+    """The test pairs beside training pairs ``<dir>/train`` (``<dir>/test``, as dxr.synth writes them),
+    else ``pairs`` itself."""
+    sibling = pairs.parent / "test"
+    return sibling if pairs.name == "train" and (sibling / "lq").is_dir() else pairs
 
 
 def bicubic_degrade(x: Tensor, factor: int) -> Tensor:
@@ -127,8 +135,14 @@ def preview_images(config: TrainConfig, count: int) -> dict[str, Tensor]:
 
     size = config.image_size
     if config.stage == "hq-ddpm":
-        pairs = first(PairedFolder(config.pairs, size))
-        return {"lq": torch.stack([p[0] for p in pairs]), "hq": torch.stack([p[1] for p in pairs])}
+        pairs = first(PairedFolder(held_out_pairs(Path(config.pairs)), size))
+        out = {"lq": torch.stack([p[0] for p in pairs]), "hq": torch.stack([p[1] for p in pairs])}
+        if config.data is not None:  # real DRRs: what the model is for
+            try:
+                out["drr"] = torch.stack(first(ImageFolder(_domain(Path(config.data), "lq", "test"), size)))
+            except FileNotFoundError:
+                pass
+        return out
     root = data_root(config)
     out = {}
     for domain in ("lq", "hq"):
@@ -168,8 +182,14 @@ def sample_rows(config: TrainConfig, net: nn.Module, preview: dict[str, Tensor],
     hq = preview["hq"]
     lq = preview["lq"] if config.stage == "hq-ddpm" else bicubic_degrade(hq, config.bicubic_factor)
     restored = net.sample(tuple(hq.shape), cond=lq, steps=steps, seed=seed, device=device)
-    return [("LQ", lq), ("restored", restored), ("HQ", hq)]
+    held_out = "held-out " if config.stage == "hq-ddpm" else ""
+    rows = [(f"{held_out}LQ", lq), ("restored", restored), (f"{held_out}HQ", hq)]
+    if "drr" in preview:
+        drr = preview["drr"]
+        rows += [("real DRR", drr),
+                 ("DRR restored", net.sample(tuple(drr.shape), cond=drr, steps=steps, seed=seed, device=device))]
+    return rows
 
 
 __all__ = ["build_net", "make_updates", "Update", "make_dataset", "inputs", "preview_images", "sample_rows",
-           "bicubic_degrade", "data_root"]
+           "bicubic_degrade", "data_root", "held_out_pairs"]
