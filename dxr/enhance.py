@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 
 from dxr.cli import CommandError, run
-from dxr.inference import (PathLike, batches, default_device, load_stage_model, read_grayscale, resize, to_signed,
-                           to_unit)
+from dxr.inference import (PathLike, batches, default_device, load_stage_model, read_grayscale, resize,
+                           size_multiple, to_signed, to_unit)
 
 RESTORING_STAGES = ("hq-ddpm", "bicubic-ddpm")
 
@@ -88,7 +88,7 @@ class Restorer:
             raise CommandError(f"--steps must be >= 0 (0: every DDPM step), got {steps}")
         if scale not in (1, 2):
             raise CommandError(f"--scale must be 1 or 2, got {scale}")
-        self.multiple = 2 ** (len(config.unet.channel_mult) - 1)
+        self.multiple = size_multiple(config)
         tile = config.image_size if tile is None else tile
         overlap = tile // 8 if overlap is None else overlap
         if tile < self.multiple or tile % self.multiple:

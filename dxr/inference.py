@@ -59,6 +59,13 @@ def load_stage_model(checkpoint: PathLike, stages: Sequence[str], *, device: tor
     return net, config
 
 
+def size_multiple(config) -> int:
+    """The factor every image side must be a multiple of for the network of a run's ``config``."""
+    if config.stage == "lq-munit":
+        return 2 ** config.munit.n_downsample
+    return 2 ** (len(config.unet.channel_mult) - 1)
+
+
 def read_grayscale(path: PathLike) -> np.ndarray:
     """(H, W) float32 in [0, 1] of a one-channel PNG/JPEG/TIFF/DICOM; CommandError for colour or an unreadable file."""
     from dxr.data.io import is_dicom, read_image
@@ -106,5 +113,5 @@ def to_unit(signed: Tensor) -> Tensor:
     return ((signed.float() + 1) / 2).clamp(0, 1)
 
 
-__all__ = ["default_device", "load_stage_model", "read_grayscale", "resize", "batches", "to_signed",
+__all__ = ["default_device", "load_stage_model", "size_multiple", "read_grayscale", "resize", "batches", "to_signed",
            "to_unit", "PathLike"]

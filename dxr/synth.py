@@ -34,8 +34,8 @@ import torch
 from torch import Tensor
 
 from dxr.cli import CommandError, run
-from dxr.inference import (batches, default_device, load_stage_model, read_grayscale, resize, to_signed,
-                           to_unit)
+from dxr.inference import (batches, default_device, load_stage_model, read_grayscale, resize, size_multiple,
+                           to_signed, to_unit)
 
 GENERATORS = {"munit": "lq-munit", "ddpm": "lq-ddpm"}
 STYLES = ("random", "reference")
@@ -65,8 +65,8 @@ class Degrader:
             raise CommandError(f"--generator must be one of {tuple(GENERATORS)}, got {generator!r}")
         if steps < 0:
             raise CommandError(f"--steps must be >= 0 (0: every DDPM step), got {steps}")
-        if ilvr is not None and (ilvr < 1 or config.image_size % ilvr):
-            raise CommandError(f"--ilvr must be a factor >= 1 dividing the image size {config.image_size}, got {ilvr}")
+        if ilvr is not None and ilvr < 1:
+            raise CommandError(f"--ilvr must be a factor >= 1, got {ilvr}")
         self.net, self.config, self.generator = net, config, generator
         self.steps, self.ilvr, self.style_images, self.seed = steps, ilvr, style_images, seed
         self.strength = strength
@@ -102,12 +102,16 @@ class Degrader:
         return record
 
 
-def _splits(hq: Path) -> dict[str, Path]:
-    """{split: folder}: ``hq/train`` and ``hq/test`` when present, else {"": hq}."""
+def _splits(hq: Path, split: str = "all") -> dict[str, Path]:
+    """{split: folder}: ``hq/train`` and ``hq/test`` when present (``split`` picks one), else {"": hq}."""
     if not hq.is_dir():
         raise CommandError(f"--hq {hq}: no such folder")
     found = {s: hq / s for s in SPLITS if (hq / s).is_dir()}
-    return found or {"": hq}
+    if split == "all":
+        return found or {"": hq}
+    if split not in found:
+        raise CommandError(f"--split {split}: --hq {hq} has no {split}/ folder")
+    return {split: found[split]}
 
 
 def _images(folder: Path, limit: Optional[int]) -> list[Path]:
@@ -124,15 +128,16 @@ def _load(files: Sequence[Path], size: int) -> Tensor:
 
 
 def synthesize(degrader: Degrader, hq: Path, out: Path, *, image_size: int, batch_size: int = 16,
-               max_images: Optional[int] = None, overwrite: bool = False, progress: bool = True,
-               provenance: Optional[dict] = None) -> Path:
-    """Write the paired folder(s) of every split of ``hq`` into ``out`` (atomically); returns ``out``."""
+               max_images: Optional[int] = None, split: str = "all", overwrite: bool = False,
+               progress: bool = True, provenance: Optional[dict] = None) -> Path:
+    """Write the paired folder of each split of ``hq`` (``split``: "all", "train" or "test") into
+    ``out`` (atomically); returns ``out``."""
     from tqdm.auto import tqdm
 
     from dxr.data.build import atomic_build
     from dxr.data.io import write_png16
 
-    splits = _splits(hq)
+    splits = _splits(hq, split)
     listing = {split: _images(folder, max_images) for split, folder in splits.items()}
     names = {split: [f.relative_to(splits[split]).with_suffix(".png") for f in files]
              for split, files in listing.items()}
@@ -174,6 +179,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="the stage-1 run folder or checkpoint.safetensors")
     p.add_argument("--hq", required=True, help="folder of HQ radiographs, or a domain folder with train/ and test/")
     p.add_argument("--out", required=True, help="paired folder to create")
+    p.add_argument("--split", choices=("all",) + SPLITS, default="all",
+                   help="with --hq holding train/ and test/: which split(s) to turn into pairs")
     p.add_argument("--strength", type=float, default=0.4, help="ddpm: SDEdit noise level in (0, 1]")
     p.add_argument("--steps", type=int, default=25, help="ddpm: DDIM steps of the denoising (0: every DDPM step)")
     p.add_argument("--ilvr", type=int, default=None, help="ddpm: ILVR guidance keeping the 1/N low-pass of HQ")
@@ -197,8 +204,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = default_device(args.device)
     net, config = load_stage_model(args.checkpoint, (GENERATORS[args.generator],), device=device, backend=args.backend)
     image_size = args.image_size or config.image_size
-    if image_size < 8:
-        raise CommandError(f"--image-size must be >= 8, got {image_size}")
+    multiple = size_multiple(config)
+    if image_size < 8 or image_size % multiple:
+        raise CommandError(f"--image-size must be a multiple of {multiple} (the {config.stage} network halves it "
+                           f"{multiple.bit_length() - 1} times) and >= 8, got {image_size}")
+    if args.ilvr is not None and (args.ilvr < 1 or image_size % args.ilvr):
+        raise CommandError(f"--ilvr must be a factor >= 1 dividing the image size {image_size}, got {args.ilvr}")
     styles = None
     if args.style == "reference":
         if args.generator != "munit" or not args.style_images:
@@ -216,7 +227,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     provenance = {"checkpoint": {"path": str(checkpoint.absolute()), "sha256": file_sha256(checkpoint),
                                  "stage": config.stage, "image_size": config.image_size}}
     out = synthesize(degrader, Path(args.hq), Path(args.out), image_size=image_size, batch_size=args.batch_size,
-                     max_images=args.max_images, overwrite=args.overwrite, progress=not args.no_progress,
+                     max_images=args.max_images, split=args.split, overwrite=args.overwrite, progress=not args.no_progress,
                      provenance=provenance)
     print(out)
     return 0

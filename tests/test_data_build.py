@@ -51,9 +51,18 @@ def test_build_default_tiny_configuration(tmp_path):
     assert len(lq) == 8 and len(hq) == 5
     for path in lq + hq:
         _check_png16(path, 32)
+    # one physical scale: both domains' mm/px (detector plane) agree within 5%, recorded per image
+    scale = manifest["scale"]
+    assert scale["lq_pixel_mm"] == manifest["geometry"]["pixel_mm"]
+    assert abs(scale["lq_over_hq"] - 1) < 0.05
+    crops = manifest["hq_crops"]
+    assert sorted(c["image"] for c in crops) == sorted(str(p.relative_to(out / "hq")) for p in hq)
+    assert scale["hq_pixel_mm_mean"] == pytest.approx(np.mean([c["pixel_mm"] for c in crops]))
+    assert "one CT" in manifest["split"]["limits"] and "one radiograph" in manifest["split"]["limits"]
     with_nodules = 0
     for path in lq:
         sidecar = json.loads(path.with_suffix(".json").read_text())
+        assert sidecar["pixel_mm"] == scale["lq_pixel_mm"]
         assert set(sidecar["pose"]) == {"rotation_deg", "translation_mm"}
         for nodule in sidecar["nodules"]:
             assert 3.0 * 0.8**8 <= nodule["radius_mm"] <= 15.0 and nodule["lobe"].startswith("lung_")

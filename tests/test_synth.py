@@ -1,0 +1,125 @@
+"""python -m dxr.synth: stage-1 models turn HQ radiographs into aligned (LQ, HQ) pairs."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("PIL.Image", reason="the data extra (Pillow) is not installed")
+pytest.importorskip("tqdm", reason="tqdm is not installed")
+
+from dxr import synth  # noqa: E402
+from dxr.cli import run  # noqa: E402
+from dxr.data.build import file_sha256  # noqa: E402
+from dxr.data.io import read_image, write_png16  # noqa: E402
+from dxr.diffusion import make_schedule  # noqa: E402
+from dxr.pipeline import Plan, run_pipeline  # noqa: E402
+
+from tiny import SETTINGS, SIZE, make_dataset  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A tiny dataset and its stage-1 models (two training steps each)."""
+    root = tmp_path_factory.mktemp("synth")
+    data = make_dataset(root / "data")
+    plan = Plan(out=root / "run", preset="cpu-demo", data=data, device="cpu", steps=2, sample_steps=2, max_images=None,
+                progress=False, seed=0, overrides=SETTINGS)
+    run_pipeline(plan, stop_after="lq-munit", log=lambda line: None)
+    return data, root / "run"
+
+
+def _synth(tmp_path, runs, generator, *extra):
+    data, run = runs
+    out = tmp_path / f"pairs-{generator}"
+    model = run / ("lq-munit" if generator == "munit" else "lq-ddpm")
+    argv = ["--generator", generator, "--checkpoint", str(model), "--hq", str(data / "hq"), "--out", str(out),
+            "--device", "cpu", "--no-progress", *extra]
+    assert synth.main(argv) == 0
+    return out, model
+
+
+@pytest.mark.parametrize("generator", ["munit", "ddpm"])
+def test_pairs_are_aligned_with_equal_names_and_sizes_per_split(tmp_path, runs, generator):
+    extra = ["--strength", "0.05", "--steps", "3"] if generator == "ddpm" else []
+    out, model = _synth(tmp_path, runs, generator, "--batch-size", "3", *extra)
+    data, _ = runs
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["settings"]["generator"] == generator
+    assert manifest["checkpoint"]["sha256"] == file_sha256(model / "checkpoint.safetensors")
+    assert manifest["checkpoint"]["stage"] == synth.GENERATORS[generator]
+    for split, count in (("train", 8), ("test", 3)):
+        lq = sorted(p.name for p in (out / split / "lq").iterdir())
+        hq = sorted(p.name for p in (out / split / "hq").iterdir())
+        source = sorted(p.name for p in (data / "hq" / split).glob("*.png"))
+        assert lq == hq == source and len(lq) == count
+        assert manifest["splits"][split]["pairs"] == count
+        for name in lq:
+            low, high = read_image(out / split / "lq" / name), read_image(out / split / "hq" / name)
+            assert low.shape == high.shape == (SIZE, SIZE)
+            # the HQ side is the source itself; the LQ side is made from it
+            assert np.abs(high - read_image(data / "hq" / split / name)).max() < 1e-4
+            if generator == "ddpm":  # SDEdit at noise level 0.05 keeps the image: a misaligned pair would not
+                assert np.corrcoef(low.ravel(), high.ravel())[0, 1] > 0.8
+
+
+def test_the_split_asked_alone_and_same_seed_same_pairs(tmp_path, runs):
+    first, _ = _synth(tmp_path / "a", runs, "ddpm", "--split", "test", "--steps", "2", "--seed", "3")
+    assert sorted(p.name for p in first.iterdir()) == ["manifest.json", "test"]
+    again, _ = _synth(tmp_path / "b", runs, "ddpm", "--split", "test", "--steps", "2", "--seed", "3")
+    for path in sorted((first / "test" / "lq").iterdir()):
+        np.testing.assert_array_equal(read_image(path), read_image(again / "test" / "lq" / path.name))
+
+
+def test_strength_is_a_noise_level_under_every_schedule():
+    for schedule in ("linear", "cosine"):
+        alphas = make_schedule(schedule, 1000)
+        for strength in (0.1, 0.4, 0.9):
+            t0 = synth.strength_to_t0(strength, alphas)
+            share = (1 - alphas.double()).sqrt()
+            assert share[t0 - 1] >= strength and (t0 == 1 or share[t0 - 2] < strength)
+    assert synth.strength_to_t0(1.0, torch.linspace(0.99, 0.0, 10)) == 10
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="--strength"):
+            synth.strength_to_t0(bad, make_schedule("linear", 10))
+
+
+def _fails(capsys, argv, *words):
+    status = run(synth.main, argv, prog="python -m dxr.synth")
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    for word in words:
+        assert word in err
+    return err
+
+
+def test_bad_inputs_are_one_line_errors_and_write_nothing(tmp_path, runs, capsys):
+    data, run = runs
+    out = tmp_path / "out"
+    base = ["--hq", str(data / "hq"), "--out", str(out), "--device", "cpu", "--no-progress"]
+    _fails(capsys, ["--generator", "munit", "--checkpoint", str(tmp_path / "missing"), *base], "missing")
+    # a checkpoint of the other stage
+    _fails(capsys, ["--generator", "munit", "--checkpoint", str(run / "lq-ddpm"), *base], "lq-ddpm", "lq-munit")
+    torn = tmp_path / "torn.safetensors"
+    torn.write_bytes((run / "lq-ddpm" / "checkpoint.safetensors").read_bytes()[:100])
+    _fails(capsys, ["--generator", "ddpm", "--checkpoint", str(torn), *base], str(torn))
+    # a size the network cannot take
+    _fails(capsys, ["--generator", "ddpm", "--checkpoint", str(run / "lq-ddpm"), "--image-size", "15", *base],
+           "--image-size")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _fails(capsys, ["--generator", "ddpm", "--checkpoint", str(run / "lq-ddpm"), "--hq", str(empty),
+                    "--out", str(out), "--device", "cpu"], str(empty))
+    colour = tmp_path / "colour"
+    colour.mkdir()
+    write_png16(colour / "a.png", np.full((SIZE, SIZE), 0.5))
+    from PIL import Image
+
+    Image.new("RGB", (SIZE, SIZE)).save(colour / "b.png")
+    _fails(capsys, ["--generator", "ddpm", "--checkpoint", str(run / "lq-ddpm"), "--hq", str(colour),
+                    "--out", str(out), "--device", "cpu", "--no-progress"], "b.png", "channel")
+    _fails(capsys, ["--generator", "ddpm", "--checkpoint", str(run / "lq-ddpm"), "--strength", "0", *base],
+           "--strength")
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
