@@ -18,7 +18,9 @@ enhance            the LQ test DRRs restored by DDPM-HQ (MUNIT-LQ pairs)       (
 A stage whose output is complete is skipped (a finished checkpoint, a synthesis or evaluation
 manifest); a training stage stopped midway resumes from its checkpoint. Outputs appear atomically,
 so a pipeline stopped at any point (Ctrl-C, a crash) continues where it was when run again.
-``--stop-after STAGE`` ends the run after that stage. The last lines are a summary and the report.
+``--stop-after STAGE`` ends the run after that stage. The last lines — also written to
+``<out>/summary.txt`` — are the stages run or skipped, the preset's quality goals as met or not (from
+the evaluation), and the report's path.
 """
 
 from __future__ import annotations
@@ -37,6 +39,12 @@ STAGES = ("data", "lq-ddpm", "lq-munit", "synth-munit", "synth-ddpm", "hq-ddpm-m
           "bicubic-ddpm", "evaluate", "enhance")
 # the DDPM-LQ degradation of the pairs: SDEdit strength (noise level) and DDIM steps
 SDEDIT = {"cpu-demo": ("0.4", "20"), "paper": ("0.4", "50")}
+# evaluation rows and columns: the baseline, each DiffusionXRay model with the test pairs of its own degradation
+BASELINE = "bicubic-DDPM"
+OWN_TEST_SET = {"DiffusionXRay (MUNIT-LQ pairs)": "MUNIT-LQ test pairs",
+                "DiffusionXRay (DDPM-LQ pairs)": "DDPM-LQ test pairs"}
+# paper preset: DiffusionXRay − bicubic-DDPM PSNR gaps (dB) reported on each degradation's test pairs
+PAPER_GAPS_DB = {"MUNIT-LQ test pairs": 27.50 - 20.08, "DDPM-LQ test pairs": 22.21 - 19.85}
 
 
 @dataclass
@@ -161,9 +169,9 @@ def stages(plan: Plan) -> list[tuple[str, Callable[[], bool], Callable[[], None]
         argv = ["--out", str(folder("evaluate")), "--steps", str(plan.sample_steps),
                 "--pairs", f"MUNIT-LQ test pairs={folder('synth-munit') / 'test'}",
                 "--pairs", f"DDPM-LQ test pairs={folder('synth-ddpm') / 'test'}",
-                "--model", f"bicubic-DDPM={folder('bicubic-ddpm')}",
-                "--model", f"DDPM-HQ (MUNIT-LQ pairs)={folder('hq-ddpm-munit')}",
-                "--model", f"DDPM-HQ (DDPM-LQ pairs)={folder('hq-ddpm-ddpm')}",
+                "--model", f"{BASELINE}={folder('bicubic-ddpm')}",
+                "--model", f"DiffusionXRay (MUNIT-LQ pairs)={folder('hq-ddpm-munit')}",
+                "--model", f"DiffusionXRay (DDPM-LQ pairs)={folder('hq-ddpm-ddpm')}",
                 "--drrs", str(plan.dataset / "lq" / "test"), *_common(plan)]
         if plan.max_images:
             argv += ["--max-images", str(plan.max_images)]
@@ -194,6 +202,37 @@ def stages(plan: Plan) -> list[tuple[str, Callable[[], bool], Callable[[], None]
         ("evaluate", manifest_done("evaluate", "metrics.json"), evaluate_run),
         ("enhance", manifest_done("enhance"), enhance_run),
     ]
+
+
+def quality_goals(metrics: dict, preset: str) -> list[tuple[str, str, bool]]:
+    """(goal, what was measured, met) of the preset's quality goals, from the evaluation's metrics.json."""
+    rows = []
+    sets = metrics.get("pairs", {}).get("sets", {})
+    for model, test_set in OWN_TEST_SET.items():
+        cells = sets.get(test_set, {}).get("metrics", {})
+        if model not in cells:
+            continue
+        ours, hq_noise = cells[model], sets[test_set]["hq_noise"]["mean"]
+        if preset == "paper":
+            gap = ours["psnr"]["mean"] - cells[BASELINE]["psnr"]["mean"]
+            need = PAPER_GAPS_DB[test_set]
+            rows.append((f"{model} − {BASELINE} PSNR on {test_set} ≥ the paper's +{need:.1f} dB", f"{gap:+.2f} dB",
+                         gap >= need))
+            continue
+        for metric, unit in (("psnr", " dB"), ("ssim", "")):
+            for rival in ("identity", BASELINE):
+                a, b = ours[metric]["mean"], cells[rival][metric]["mean"]
+                rows.append((f"{model} {metric.upper()} > {rival} on {test_set}", f"{a:.3f}{unit} vs {b:.3f}{unit}",
+                             a > b))
+        noise = ours["noise"]["mean"]
+        rows.append((f"{model} noise ≤ HQ's on {test_set}", f"{noise:.4f} vs {hq_noise:.4f}", noise <= hq_noise))
+    for model in OWN_TEST_SET:
+        drr = metrics.get("drrs", {}).get("methods", {}).get(model)
+        if drr and drr.get("n_nodules"):
+            kept = drr["cnr_kept"]
+            rows.append((f"{model}: nodule CNR after ≥ 0.95 × before for ≥ 90% of nodules",
+                         f"{kept:.0%} of {drr['n_nodules']}", kept >= 0.9))
+    return rows
 
 
 def run_pipeline(plan: Plan, *, stop_after: Optional[str] = None,
@@ -252,9 +291,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 progress=not args.no_progress, seed=args.seed, overrides=args.overrides)
     started = time.perf_counter()
     rows = run_pipeline(plan, stop_after=args.stop_after)
-    print(f"\ndxr.pipeline {name} -> {plan.out} ({time.perf_counter() - started:.0f} s)")
-    for stage, status, seconds in rows:
-        print(f"  {stage:<14} {status:<8} {seconds:7.0f} s")
+    lines = [f"dxr.pipeline {name} -> {plan.out} ({time.perf_counter() - started:.0f} s)"]
+    lines += [f"  {stage:<14} {status:<8} {seconds:7.0f} s" for stage, status, seconds in rows]
+    metrics = plan.folder("evaluate") / "metrics.json"
+    goals = quality_goals(json.loads(metrics.read_text()), name) if metrics.is_file() else []
+    if goals:
+        lines += ["", f"quality goals ({name}): {sum(met for *_, met in goals)} of {len(goals)} met"]
+        lines += [f"  [{'met' if met else 'not met'}] {goal}: {measured}" for goal, measured, met in goals]
+    text = "\n".join(lines) + "\n"
+    print("\n" + text, end="")
+    from dxr.training.checkpoint import atomic_write
+
+    atomic_write(plan.out / "summary.txt", lambda tmp: tmp.write_text(text))
     report = plan.folder("evaluate") / "report.md"
     if report.is_file():
         print(f"report: {report}")

@@ -16,7 +16,8 @@ from tiny import make_dataset, pipeline_argv  # noqa: E402
 
 
 def _stamps(out):
-    return {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    """Modification times of every stage's files (summary.txt is the run's, rewritten each time)."""
+    return {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.parent != out}
 
 
 def test_pipeline_runs_every_stage_and_resumes_after_a_stop(tmp_path, capsys):
@@ -41,7 +42,8 @@ def test_pipeline_runs_every_stage_and_resumes_after_a_stop(tmp_path, capsys):
     after = _stamps(out)
     assert all(after[path] == stamp for path, stamp in before.items())  # nothing finished was redone
     report = out / "evaluate" / "report.md"
-    assert f"report: {report}" in second
+    assert f"report: {report}" in second and "quality goals (cpu-demo)" in second
+    assert (out / "summary.txt").read_text() in second
     metrics = json.loads((out / "evaluate" / "metrics.json").read_text())
     assert metrics  # the evaluation's figures, written last
     restored = sorted((out / "enhance").glob("*.png"))
@@ -66,3 +68,27 @@ def test_bad_pipeline_inputs_are_one_line_errors(tmp_path, capsys):
         assert status == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
         assert all(word in err for word in words), err
     assert not (tmp_path / "run" / "data" / "dataset.json").exists()
+
+
+def _metrics(ours_psnr, baseline_psnr, identity_psnr, noise, hq_noise, kept):
+    def cell(psnr, ssim, noise_value):
+        return {"psnr": {"mean": psnr}, "ssim": {"mean": ssim}, "noise": {"mean": noise_value}}
+
+    sets = {}
+    for model, test_set in pipeline.OWN_TEST_SET.items():
+        sets[test_set] = {"hq_noise": {"mean": hq_noise}, "metrics": {
+            "identity": cell(identity_psnr, 0.5, 0.2), pipeline.BASELINE: cell(baseline_psnr, 0.6, 0.01),
+            model: cell(ours_psnr, 0.7, noise)}}
+    drrs = {"methods": {model: {"cnr_kept": kept, "n_nodules": 10} for model in pipeline.OWN_TEST_SET}}
+    return {"pairs": {"sets": sets}, "drrs": drrs}
+
+
+def test_quality_goals_read_the_evaluation():
+    good = pipeline.quality_goals(_metrics(25.0, 20.0, 18.0, 0.01, 0.02, 0.9), "cpu-demo")
+    assert len(good) == 12 and all(met for *_, met in good)
+    bad = pipeline.quality_goals(_metrics(19.0, 20.0, 18.0, 0.03, 0.02, 0.8), "cpu-demo")
+    failed = [goal for goal, _, met in bad if not met]
+    assert len(failed) == 2 * 3 and all(("bicubic" in g and "PSNR" in g) or "noise" in g or "CNR" in g for g in failed)
+    # the paper preset asks for the paper's gaps over the baseline: +7.4 dB (MUNIT-LQ), +2.4 dB (DDPM-LQ)
+    paper = {goal: met for goal, _, met in pipeline.quality_goals(_metrics(25.0, 20.0, 18.0, 0.01, 0.02, 1), "paper")}
+    assert [met for goal, met in paper.items() if "PSNR" in goal] == [False, True]
