@@ -21,9 +21,10 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-# the main job on the embedded default data: trains DDPM-LQ (cpu-demo preset on a CPU) into runs/lq-ddpm
+# the main job on the embedded default data: the whole pipeline (cpu-demo preset on a CPU) into
+# runs/pipeline-cpu-demo, ending with the report's path; run again, it skips what is complete
 demo: $(STAMP)
-	$(PY) -m dxr.train --stage lq-ddpm
+	$(PY) -m dxr.pipeline
 
 bench: $(STAMP)
 	$(PY) -m pytest bench --benchmark-only

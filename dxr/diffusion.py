@@ -230,6 +230,10 @@ def sdedit(model: Model, x: Tensor, alphas_cumprod: Tensor, t0: int, *, steps: O
 class GaussianDiffusion(nn.Module):
     """A denoiser ``model(x_t, t, cond)`` with its noise schedule: the unit that is trained and sampled.
 
+    A conditional model with ``residual`` diffuses the residual x0 − cond instead of x0 (SRDiff's
+    formulation of restoration: the network learns only what the condition lacks); :meth:`sample`
+    adds cond back (:meth:`to_image`).
+
     ``forward(x0, cond=None, part="loss")`` returns ``(loss, {})`` — the :func:`training_loss` — in the
     (loss, parts) form the training loop shares with MUNIT. :meth:`sample` and :meth:`sdedit` run the
     samplers with this model's prediction type and backend. The schedule ᾱ (float64) is neither a
@@ -238,10 +242,10 @@ class GaussianDiffusion(nn.Module):
     """
 
     def __init__(self, denoiser: nn.Module, alphas_cumprod: Tensor, *, prediction: str = "eps",
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, residual: bool = False):
         super().__init__()
         _check_prediction(prediction)
-        self.denoiser, self.prediction, self.backend = denoiser, prediction, backend
+        self.denoiser, self.prediction, self.backend, self.residual = denoiser, prediction, backend, residual
         self._alphas_cumprod = alphas_cumprod.detach().to(torch.float64)
 
     @property
@@ -257,9 +261,17 @@ class GaussianDiffusion(nn.Module):
     def forward(self, x0: Tensor, cond: Optional[Tensor] = None, part: str = "loss") -> tuple[Tensor, dict]:
         if part != "loss":
             raise ValueError(f"a diffusion model has one training objective, part='loss'; got {part!r}")
-        loss = training_loss(self.denoiser, x0, self.alphas_cumprod(x0.device), cond=cond,
+        target = x0 - cond if self.residual and cond is not None else x0
+        loss = training_loss(self.denoiser, target, self.alphas_cumprod(x0.device), cond=cond,
                              prediction=self.prediction, backend=self.backend)
         return loss, {}
+
+    def to_image(self, sample: Tensor, cond: Optional[Tensor] = None) -> Tensor:
+        """A sample of the diffused variable as an image: ``cond + sample`` for a residual model
+        (clamped to [-1, 1]), else the sample itself."""
+        if self.residual and cond is not None:
+            return (cond.to(sample.dtype) + sample).clamp(-1, 1)
+        return sample
 
     @torch.no_grad()
     def sample(self, shape: tuple, *, cond: Optional[Tensor] = None, steps: Optional[int] = None, eta: float = 0.0,
@@ -271,8 +283,10 @@ class GaussianDiffusion(nn.Module):
         x_T = torch.randn(shape, generator=generator, device=device, dtype=dtype)
         common = dict(cond=cond, seed=seed + 1, prediction=self.prediction, backend=self.backend)
         if steps is None:
-            return ddpm_sample(self.denoiser, x_T, self.alphas_cumprod(device), **common)
-        return ddim_sample(self.denoiser, x_T, self.alphas_cumprod(device), steps=steps, eta=eta, **common)
+            out = ddpm_sample(self.denoiser, x_T, self.alphas_cumprod(device), **common)
+        else:
+            out = ddim_sample(self.denoiser, x_T, self.alphas_cumprod(device), steps=steps, eta=eta, **common)
+        return self.to_image(out, cond)
 
     @torch.no_grad()
     def sdedit(self, x: Tensor, t0: int, *, steps: Optional[int] = None, eta: float = 0.0,

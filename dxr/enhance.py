@@ -166,6 +166,7 @@ class Restorer:
                                       seed=seed, **common)
                 else:
                     out = ddpm_sample(self.net.denoiser, x_T, alphas, cond=cond, seed=seed, **common)
+                out = self.net.to_image(out, cond)
                 window = windows[(tile_h, tile_w)]
                 for (k, c), restored in zip(crops, out):
                     canvases[k].total[c] += restored.float() * window
@@ -177,6 +178,7 @@ class Restorer:
 
     def settings(self) -> dict:
         return {"stage": self.config.stage, "image_size": self.config.image_size,
+                "residual": bool(getattr(self.net, "residual", False)),
                 "sampler": f"DDIM {self.steps} steps, eta {self.eta}" if self.steps else "DDPM",
                 "scale": self.scale, "tile": self.tile, "overlap": self.overlap, "seed": self.seed}
 

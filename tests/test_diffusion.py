@@ -193,3 +193,28 @@ def test_samplers_on_the_triton_kernels_match_the_reference():
         assert_close(got, expected, torch.float32)
     a = ddpm_sample(model, x_T, ac, seed=2, backend="triton")
     assert torch.equal(a, ddpm_sample(model, x_T, ac, seed=2, backend="triton")) and torch.isfinite(a).all()
+
+
+def test_residual_model_diffuses_hq_minus_lq_and_adds_the_condition_back():
+    alphas = diffusion.make_schedule("linear", 20)
+
+    class Zero(torch.nn.Module):
+        """ε that makes x̂0 = 0 at every step: a residual model that has learned 'no change'."""
+
+        def forward(self, x, t, cond):
+            return x / (1 - alphas.to(x.device)[t].float()).sqrt().view(-1, 1, 1, 1)
+
+    cond = torch.rand(2, 1, 8, 8) * 2 - 1
+    residual = GaussianDiffusion(Zero(), alphas, prediction="eps", residual=True)
+    plain = GaussianDiffusion(Zero(), alphas, prediction="eps")
+    for steps in (None, 4):
+        torch.testing.assert_close(residual.sample(tuple(cond.shape), cond=cond, steps=steps, device="cpu"), cond)
+        assert plain.sample(tuple(cond.shape), cond=cond, steps=steps, device="cpu").abs().max() < 1e-5
+    # the training target is x0 − cond: same draws, same loss as a plain model on the residual
+    x0 = torch.rand(2, 1, 8, 8) * 2 - 1
+    torch.manual_seed(3)
+    a = residual(x0, cond)[0]
+    torch.manual_seed(3)
+    b = plain(x0 - cond, cond)[0]
+    torch.testing.assert_close(a, b)
+    assert residual.to_image(x0) is x0  # without a condition there is nothing to add

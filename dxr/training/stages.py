@@ -35,7 +35,7 @@ def build_net(config: TrainConfig, backend: Optional[str] = None) -> nn.Module:
         return MUNIT(config.munit, backend=backend)
     unet = UNet(config.unet, backend=backend)
     return GaussianDiffusion(unet, make_schedule(config.schedule, config.timesteps), prediction=config.prediction,
-                             backend=backend)
+                             backend=backend, residual=config.residual and config.stage in ("hq-ddpm", "bicubic-ddpm"))
 
 
 @dataclass
