@@ -15,6 +15,7 @@ from scipy.ndimage import gaussian_filter
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from dxr import evaluate as ev
+from dxr import report as report_module
 from dxr.cli import CommandError
 from dxr.data.io import write_png16
 
@@ -326,7 +327,7 @@ def test_write_report_removes_a_stale_metrics_file_and_writes_it_last(tmp_path, 
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ev, "pairs_figure", broken)
+    monkeypatch.setattr(report_module, "pairs_figure", broken)
     with pytest.raises(OSError):
         ev.write_report(out, result, None, {})
     assert not (out / "metrics.json").exists()
