@@ -69,6 +69,47 @@ def test_corrupt_png_raises(tmp_path):
         io.read_image(path)
 
 
+def test_twelve_bit_values_in_a_16_bit_container_are_scaled_as_12_bit(tmp_path):
+    twelve = _rng(4).integers(0, 4096, size=(12, 10)).astype(np.uint16)
+    twelve[0, 0] = 4095
+    for name in ("t.tif", "t.png"):
+        Image.fromarray(twelve).save(tmp_path / name)
+        with pytest.warns(io.BitDepthWarning, match=f"{name}.*12 bits.*4095"):
+            back = io.read_image(tmp_path / name)
+        np.testing.assert_allclose(back, twelve / 4095.0, atol=1e-7)
+        notes = []
+        np.testing.assert_allclose(io.read_image(tmp_path / name, notes=notes), back)  # noted, not warned
+        assert len(notes) == 1 and name in notes[0]
+    sixteen = twelve.copy()
+    sixteen[0, 0] = 4096  # one value above 12 bits: the container's depth
+    Image.fromarray(sixteen).save(tmp_path / "s.png")
+    notes = []
+    np.testing.assert_allclose(io.read_image(tmp_path / "s.png", notes=notes), sixteen / 65535.0, atol=1e-7)
+    assert notes == []
+
+
+def test_read_image_shape_reads_headers_and_finds_broken_files(tmp_path):
+    io.write_png16(tmp_path / "a.png", _rng(5).uniform(0, 1, size=(13, 21)))
+    io.write_dicom(tmp_path / "b.dcm", _rng(6).uniform(0, 1, size=(9, 17)))
+    Image.fromarray(np.zeros((5, 6), np.uint8)).save(tmp_path / "c.jpg")
+    assert io.read_image_shape(tmp_path / "a.png") == (13, 21)
+    assert io.read_image_shape(tmp_path / "b.dcm") == (9, 17)
+    assert io.read_image_shape(tmp_path / "c.jpg") == (5, 6)
+    data = (tmp_path / "b.dcm").read_bytes()
+    (tmp_path / "cut.dcm").write_bytes(data[:-100])
+    with pytest.raises(ValueError, match="truncated"):
+        io.read_image_shape(tmp_path / "cut.dcm")
+    (tmp_path / "text.dcm").write_text("hello")
+    with pytest.raises(ValueError, match="not a readable DICOM"):
+        io.read_image_shape(tmp_path / "text.dcm")
+    png = (tmp_path / "a.png").read_bytes()
+    broken = bytearray(png)
+    broken[len(png) // 2] ^= 0xFF  # a flipped byte in the image data: the chunk checksum fails
+    (tmp_path / "crc.png").write_bytes(bytes(broken))
+    with pytest.raises(Exception):
+        io.read_image_shape(tmp_path / "crc.png")
+
+
 # --------------------------------------------------------------------------------------------------
 # DICOM
 

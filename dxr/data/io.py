@@ -1,7 +1,8 @@
 """Radiograph and CT input/output.
 
 2-D radiographs come back as float32 arrays in [0, 1], bright = attenuating (bone white), from PNG, JPEG,
-TIFF (8- or 16-bit) or DICOM. 3-D CT volumes come back as :class:`Volume` in Hounsfield units, reoriented
+TIFF (8-bit, 16-bit, or 12-bit values in a 16-bit container) or DICOM; :func:`read_image_shape` checks
+a file from its header. 3-D CT volumes come back as :class:`Volume` in Hounsfield units, reoriented
 to RAS+ array order (indices along axes 0, 1, 2 increase toward the patient's Right, Anterior, Superior),
 from NIfTI or a folder holding one DICOM series. Writers: 16-bit PNG and DICOM Secondary Capture.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -24,12 +26,19 @@ NIFTI_EXTENSIONS = (".nii", ".nii.gz")
 
 SECONDARY_CAPTURE_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 
+# A 16-bit raster image whose largest value is at most this holds 12-bit detector data.
+TWELVE_BIT_MAX = 4095
+
 # Patient and study attributes a derived image keeps from its source.
 _INHERITED_ATTRIBUTES = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge", "OtherPatientIDs",
     "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "StudyDescription", "AccessionNumber",
     "ReferringPhysicianName", "BodyPartExamined", "ViewPosition", "PatientOrientation",
 )
+
+
+class BitDepthWarning(UserWarning):
+    """An integer image was scaled by the bit depth its values show, not its container's; names the file."""
 
 
 class DecoderMissing(RuntimeError):
@@ -53,13 +62,15 @@ def is_dicom(path: PathLike) -> bool:
 # 2-D images
 
 
-def read_image(path: PathLike) -> np.ndarray:
+def read_image(path: PathLike, *, notes: Optional[list] = None) -> np.ndarray:
     """Read a grayscale radiograph as a 2-D float32 array in [0, 1].
 
-    PNG/JPEG/TIFF: integer images are divided by their type's maximum (255 or 65535), colour images are
-    converted to luminance, float TIFFs already in [0, 1] are kept and others are min-max scaled.
-    DICOM: see :func:`read_dicom` with ``window="auto"``. Raises ``ValueError`` (or the reader's own
-    error) on an unreadable or corrupt file.
+    PNG/JPEG/TIFF: 8-bit images are divided by 255; 16-bit ones by 65535, or by 4095 when no value
+    exceeds 4095 (12-bit data in a 16-bit container, as detectors write it: a :class:`BitDepthWarning`
+    says so, or the note is appended to ``notes`` when a list is given); colour images are converted
+    to luminance; float TIFFs already in [0, 1] are kept and others are min-max scaled.
+    DICOM: see :func:`read_dicom` with ``window="auto"`` (its BitsStored gives the depth). Raises
+    ``ValueError`` (or the reader's own error) on an unreadable or corrupt file.
     """
     if is_dicom(path):
         return read_dicom(path, window="auto")
@@ -67,17 +78,53 @@ def read_image(path: PathLike) -> np.ndarray:
 
     with Image.open(path) as image:
         image.load()
-        return _pil_to_unit(image, path)
+        array, note = _pil_to_unit(image, path)
+    if note is not None:
+        if notes is None:
+            warnings.warn(note, BitDepthWarning, stacklevel=2)
+        else:
+            notes.append(note)
+    return array
 
 
-def _pil_to_unit(image, path) -> np.ndarray:
+def read_image_shape(path: PathLike) -> tuple[int, int]:
+    """(height, width) of the radiograph at ``path``, read from its header without decoding the pixels.
+
+    Checks what costs no decoding: that PIL can identify the file and that a PNG's chunk checksums hold
+    (``verify``); for DICOM one grayscale frame and, when uncompressed, pixel data of the full length.
+    Raises ``ValueError`` (or the reader's own error) for a file :func:`read_image` could not read.
+    """
+    if is_dicom(path):
+        ds = _dcmread(path)
+        _check_dicom_frame(ds, path)
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        transfer_syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+        if transfer_syntax is None or not transfer_syntax.is_compressed:
+            expected = (rows * columns * int(ds.BitsAllocated) + 7) // 8
+            if len(ds.PixelData) < expected:
+                raise ValueError(f"{path}: pixel data is truncated ({len(ds.PixelData)} of {expected} bytes)")
+        return rows, columns
+    from PIL import Image
+
+    with Image.open(path) as image:
+        width, height = image.size
+        image.verify()
+    return height, width
+
+
+def _pil_to_unit(image, path) -> tuple[np.ndarray, Optional[str]]:
+    """The image as float32 [0, 1], and a note when its bit depth was taken from the data."""
     mode = image.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        array = np.asarray(image, dtype=np.float32) / 65535.0
-    elif mode == "I":
+    note = None
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N") or mode == "I":
         array = np.asarray(image, dtype=np.float64)
-        if array.min() >= 0 and array.max() <= 65535:
-            array = array / 65535.0
+        if array.size and array.min() >= 0 and array.max() <= 65535:
+            if 0 < array.max() <= TWELVE_BIT_MAX:
+                note = (f"{path}: 16-bit image whose values all fit 12 bits (max {int(array.max())}); "
+                        f"scaled as 12-bit (divided by {TWELVE_BIT_MAX})")
+                array = array / TWELVE_BIT_MAX
+            else:
+                array = array / 65535.0
         else:
             array = _min_max(array)
     elif mode == "F":
@@ -92,7 +139,7 @@ def _pil_to_unit(image, path) -> np.ndarray:
         array = np.asarray(image, dtype=np.float32) / 255.0
     if array.ndim != 2:
         raise ValueError(f"{path}: expected a 2-D grayscale image, got shape {array.shape}")
-    return np.ascontiguousarray(array, dtype=np.float32)
+    return np.ascontiguousarray(array, dtype=np.float32), note
 
 
 def _min_max(array: np.ndarray) -> np.ndarray:
@@ -139,8 +186,17 @@ def _decoder_hint(transfer_syntax) -> str:
     return "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg  (or: pip install python-gdcm)"
 
 
-def _dicom_pixels(ds, path) -> np.ndarray:
-    """The stored pixel values of a single-frame grayscale DICOM, decoded."""
+def _dcmread(path):
+    import pydicom
+
+    try:
+        return pydicom.dcmread(path)
+    except Exception as err:
+        raise ValueError(f"{path}: not a readable DICOM file: {err}") from err
+
+
+def _check_dicom_frame(ds, path) -> None:
+    """Raise ValueError unless ``ds`` holds the pixel data of one grayscale frame."""
     frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     if frames > 1:
         raise ValueError(f"{path}: multi-frame DICOM ({frames} frames) is not supported; split it into single frames")
@@ -148,6 +204,11 @@ def _dicom_pixels(ds, path) -> np.ndarray:
         raise ValueError(f"{path}: expected a grayscale DICOM (SamplesPerPixel 1), got {ds.SamplesPerPixel}")
     if "PixelData" not in ds:
         raise ValueError(f"{path}: DICOM has no pixel data")
+
+
+def _dicom_pixels(ds, path) -> np.ndarray:
+    """The stored pixel values of a single-frame grayscale DICOM, decoded."""
+    _check_dicom_frame(ds, path)
     transfer_syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     try:
         pixels = ds.pixel_array
@@ -209,13 +270,9 @@ def read_dicom(
     Raises ``ValueError`` for multi-frame, colour or undecodable data, :class:`DecoderMissing` (naming
     the package to install) for compressed pixel data without a decoder.
     """
-    import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-    try:
-        ds = pydicom.dcmread(path)
-    except Exception as err:
-        raise ValueError(f"{path}: not a readable DICOM file: {err}") from err
+    ds = _dcmread(path)
     pixels = _dicom_pixels(ds, path)
     values = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float64)
     if not normalize:
@@ -366,7 +423,8 @@ def read_volume(path: PathLike, *, labels: bool = False, hu_floor: Optional[floa
     The array is reoriented to RAS+ (the closest canonical orientation; obliquity is ignored by the
     renderer). CT values are float32 HU with anything below ``hu_floor`` (scanner padding such as −2048)
     raised to it; ``labels=True`` reads an integer label map as uint8/int32 untouched. Raises
-    ``ValueError`` for a non-3-D image or an empty/mixed DICOM folder, ``FileNotFoundError`` if missing.
+    ``ValueError`` for an unreadable, truncated or non-3-D image or an empty/mixed DICOM folder (the
+    message names the file), ``FileNotFoundError`` if missing.
     """
     import nibabel as nib
 
@@ -379,18 +437,26 @@ def read_volume(path: PathLike, *, labels: bool = False, hu_floor: Optional[floa
         name = path.name.lower()
         if not name.endswith(NIFTI_EXTENSIONS):
             raise ValueError(f"{path}: expected a NIfTI file (.nii, .nii.gz) or a folder holding a DICOM series")
-        image = nib.load(str(path))
+        try:
+            image = nib.load(str(path))
+        except Exception as err:  # nibabel's ImageFileError, a gzip error, ...: the file is what is wrong
+            raise ValueError(f"{path}: not a readable NIfTI file: {type(err).__name__}: {err}") from err
     if len(image.shape) != 3:
         raise ValueError(f"{path}: expected a 3-D volume, got shape {image.shape}")
-    image = nib.as_closest_canonical(image)
+    try:  # the voxels are read only here: a truncated file fails now
+        image = nib.as_closest_canonical(image)
+        if labels:
+            raw = np.asarray(image.dataobj)
+        else:
+            data = np.asarray(image.get_fdata(dtype=np.float32), dtype=np.float32)
+    except Exception as err:
+        raise ValueError(f"{path}: cannot read the voxels (truncated or corrupt file?): "
+                         f"{type(err).__name__}: {' '.join(str(err).split())}") from err
     spacing = tuple(float(s) for s in image.header.get_zooms()[:3])
     if labels:
-        raw = np.asarray(image.dataobj)
-        data = raw.astype(np.uint8 if raw.max() < 256 and raw.min() >= 0 else np.int32)
-    else:
-        data = np.asarray(image.get_fdata(dtype=np.float32), dtype=np.float32)
-        if hu_floor is not None:
-            np.maximum(data, hu_floor, out=data)
+        data = raw.astype(np.uint8 if raw.size and raw.max() < 256 and raw.min() >= 0 else np.int32)
+    elif hu_floor is not None:
+        np.maximum(data, hu_floor, out=data)
     return Volume(np.ascontiguousarray(data), spacing, np.asarray(image.affine, dtype=np.float64))
 
 
@@ -404,7 +470,10 @@ def _dicom_series_to_nifti(folder: Path):
     for file in sorted(p for p in folder.rglob("*") if p.is_file()):
         if not is_dicom(file):
             continue
-        ds = pydicom.dcmread(file)
+        try:
+            ds = pydicom.dcmread(file)
+        except Exception as err:
+            raise ValueError(f"{file}: not a readable DICOM file: {' '.join(str(err).split())}") from err
         if "ImagePositionPatient" in ds and "PixelData" in ds:
             slices.append(ds)
     if not slices:
