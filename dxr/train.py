@@ -25,10 +25,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dxr.cli import run
 from dxr.training import stages
-from dxr.training.checkpoint import check_compatible, read_checkpoint, restore, save_checkpoint
-from dxr.training.config import (PRECISIONS, PRESETS, STAGES, ConfigError, TrainConfig, apply_overrides, preset,
-                                 replace)
+from dxr.training.checkpoint import (CHECKPOINT, check_compatible, read_checkpoint, remove_stale_temporaries, restore,
+                                     save_checkpoint)
+from dxr.training.config import (PRECISIONS, PRESETS, STAGES, ConfigError, TrainConfig, apply_overrides,
+                                 check_runnable, preset, replace)
 from dxr.training.data import SeededItems, StepBatches, seed_step
 from dxr.training.report import MetricsLog, save_grid, save_loss_curve
 
@@ -125,7 +127,10 @@ class StopRequest:
 
 
 def train(config: TrainConfig) -> Path:
-    """Run (or resume) the training described by ``config``; returns the run folder."""
+    """Run (or resume) the training described by ``config``; returns the run folder.
+
+    Raises ConfigError before any work for a run that cannot start (see ``check_runnable``)."""
+    check_runnable(config)
     rank, world, device = setup_distributed(config.device)
     master = rank == 0
     out = Path(config.out or f"runs/{config.stage}")
@@ -157,13 +162,22 @@ def train(config: TrainConfig) -> Path:
     if config.compile:
         model = torch.compile(model)
 
+    stale = remove_stale_temporaries(out) if master else []
+    notes = [f"removed {p}, left by a process killed while writing" for p in stale]
     log = MetricsLog(out, resume_step=start if checkpoint else None) if master else None
+    notes += log.notes if master else []
     preview = stages.preview_images(config, min(8, config.num_samples)) if master else None
+    # the logging window open at the checkpoint: a run resumed mid-window logs what an uninterrupted one does
+    open_window = (checkpoint.state.get("log_window") if checkpoint else None) or {"start": start, "sums": {}}
+    window_start = open_window["start"]
+    sums = {k: torch.tensor(v, dtype=torch.float32, device=device) for k, v in open_window["sums"].items()}
+    written = {}
 
     def save(step: int) -> None:
         if master:
             save_checkpoint(out, config=config, step=step, net=net, ema=ema, optimizers=optimizers, scaler=scaler,
-                            data_state=sampler.state())
+                            data_state=sampler.state(),
+                            log_window={"start": window_start, "sums": {k: float(v) for k, v in sums.items()}})
 
     def sample(step: int) -> None:
         if not master:
@@ -173,8 +187,9 @@ def train(config: TrainConfig) -> Path:
         with torch.autocast(device.type, dtype=AMP_DTYPES.get(config.precision), enabled=config.precision != "fp32"):
             rows = stages.sample_rows(config, shown, preview, seed=config.seed, device=device)
         net.train()
-        save_grid(rows, out / "samples" / f"step_{step:07d}.png", title=f"{config.stage}, step {step}")
-        save_loss_curve(log.series(), out / "loss.png")
+        grid = out / "samples" / f"step_{step:07d}.png"
+        written["samples"] = save_grid(rows, grid, title=f"{config.stage}, step {step}")
+        written["loss curve"] = save_loss_curve(log.series(), out / "loss.png") or written.get("loss curve")
 
     if master:
         size = sum(p.numel() for p in net.parameters())
@@ -183,6 +198,8 @@ def train(config: TrainConfig) -> Path:
               f"{size / 1e6:.2f} M parameters, {config.steps} steps of batch {config.batch_size} at "
               f"{config.image_size}² on {device}{f' x{world}' if world > 1 else ''} ({config.preset} preset, "
               f"{config.precision}) -> {out}" + (f", resuming at step {start}" if checkpoint else ""), flush=True)
+        for note in notes:
+            print(f"note: {note}", flush=True)
     stop = StopRequest(world)
     batches = iter(loader)
     progress = None
@@ -190,7 +207,7 @@ def train(config: TrainConfig) -> Path:
         from tqdm.auto import tqdm
 
         progress = tqdm(total=config.steps, initial=start, desc=config.stage, unit="step", dynamic_ncols=True)
-    step, window_start, window_time, sums = start, start, time.perf_counter(), {}
+    step, window_time = start, time.perf_counter()
     try:
         net.train()
         while step < config.steps:
@@ -234,8 +251,9 @@ def train(config: TrainConfig) -> Path:
         sample(step)
     if master:
         reason = "stopped by request" if stop.requested else "done"
-        print(f"{reason} at step {step}: checkpoint {out / 'checkpoint.safetensors'}, samples {out / 'samples'}, "
-              f"metrics {out / 'metrics.jsonl'}, loss curve {out / 'loss.png'}", flush=True)
+        outputs = [f"checkpoint {out / CHECKPOINT}", f"metrics {log.path}"]
+        outputs += [f"{name} {path.parent if name == 'samples' else path}" for name, path in written.items() if path]
+        print(f"{reason} at step {step}: {', '.join(outputs)}", flush=True)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -291,16 +309,15 @@ def config_from_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     return apply_overrides(replace(base, **flags), overrides)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    try:
-        config = config_from_args(argv)
-        train(config)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except SystemExit as stop:
-        return int(stop.code or 0)
+def _main(argv: Optional[Sequence[str]] = None) -> int:
+    train(config_from_args(argv))
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command; returns its exit status: 0, 2 with one line on stderr for a run that cannot start
+    (see :mod:`dxr.cli`), 130 when stopped by Ctrl-C."""
+    return run(_main, argv, prog="python -m dxr.train")
 
 
 if __name__ == "__main__":

@@ -274,3 +274,159 @@ def test_metrics_log_drops_records_after_the_resumed_step_and_plots(tmp_path):
     from PIL import Image
 
     assert Image.open(path).size == (4 * 10 + 2, 3 * (8 + 12 + 2) + 2)
+
+
+# --------------------------------------------------------------------------------------------------
+# a run that cannot start: one line on stderr, status 2, before any work
+
+
+def _one_error_line(capsys, *expected):
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("python -m dxr.train: error: "), captured.err
+    for text in expected:
+        assert text in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("stage, extra, expected", [
+    ("lq-ddpm", ["--image-size", "63"], ["image_size 63 must be a multiple of 2", "unet.channel_mult", "try 62 or 64"]),
+    ("lq-munit", ["--image-size", "63"], ["image_size 63 must be a multiple of 16", "MUNIT", "try 48 or 64"]),
+    ("lq-munit", ["--image-size", "2"], ["image_size 2 must be a multiple of 16", "try 16"]),
+    ("lq-ddpm", ["--device", "foo"], ["device must be cpu, cuda or cuda:N, got 'foo'"]),
+    ("lq-ddpm", ["--lr", "nan"], ["lr must be a finite learning rate > 0, got nan"]),
+    ("lq-ddpm", ["--lr", "-1"], ["lr must be a finite learning rate > 0"]),
+    ("lq-ddpm", ["--set", "unet.num_groups=3"], ["unet.num_groups (3) must divide", "[8, 16]"]),
+    ("lq-ddpm", ["--set", "unet.num_head_channels=5"], ["unet.num_head_channels (5) must divide"]),
+    ("lq-munit", ["--set", "munit.n_res=0"], ["munit.n_res must be >= 1"]),
+])
+def test_settings_the_networks_cannot_take_fail_before_the_first_step(stage, extra, expected, data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_mod.main(_args(stage, data, out, "--steps", "1", *extra)) == 2
+    _one_error_line(capsys, *expected)
+    assert not out.exists()  # nothing was started
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda_is_one_line(data, tmp_path, capsys):
+    assert train_mod.main(_args("lq-ddpm", data, tmp_path / "run", "--device", "cuda")) == 2
+    _one_error_line(capsys, "device 'cuda'", "--device cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_backends_on_a_cpu_are_one_line(backend, data, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # as for a user: no interpreter
+    assert train_mod.main(_args("lq-ddpm", data, tmp_path / "run", "--backend", backend, "--device", "cpu")) == 2
+    _one_error_line(capsys, f"backend '{backend}' on device 'cpu'", "needs")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_data_folder_with_no_readable_image_is_one_line(tmp_path, capsys):
+    root = tmp_path / "set" / "lq" / "train"
+    root.mkdir(parents=True)
+    for name in ("a.png", "b.dcm"):
+        (root / name).write_bytes(b"not an image")
+    assert train_mod.main(_args("lq-ddpm", tmp_path, tmp_path / "run", "--steps", "1")) == 2
+    _one_error_line(capsys, str(root), "none of the 2 images is usable", "a.png", "b.dcm")
+    assert not (tmp_path / "run" / CHECKPOINT).exists()
+
+
+@pytest.fixture(scope="module")
+def zero_step_run(data, tmp_path_factory):
+    """A run of --steps 0: a checkpoint, metrics and a sample grid, and no loss curve (nothing to plot)."""
+    out = tmp_path_factory.mktemp("zero") / "run"
+    assert train_mod.main(_args("lq-ddpm", data, out, "--steps", "0")) == 0
+    return out
+
+
+def test_zero_steps_reports_only_what_it_wrote(zero_step_run, data, tmp_path, capsys):
+    assert read_checkpoint(zero_step_run).step == 0
+    assert not (zero_step_run / "loss.png").exists()
+    assert train_mod.main(_args("lq-ddpm", data, tmp_path, "--steps", "0")) == 0
+    done = [line for line in capsys.readouterr().out.splitlines() if line.startswith("done at step 0")]
+    assert len(done) == 1 and "loss curve" not in done[0] and "loss.png" not in done[0]
+    assert "samples" in done[0] and (tmp_path / "samples" / "step_0000000.png").is_file()
+
+
+def _spoil(kind: str, path: Path) -> None:
+    data = path.read_bytes()
+    if kind == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "corrupted":
+        path.write_bytes(data[:8] + bytes(range(40)) + data[48:])
+    else:  # a pickle renamed to the checkpoint's name
+        torch.save({"net": torch.ones(3)}, path)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "empty", "corrupted", "pickle"])
+def test_resume_from_an_unreadable_checkpoint_names_the_file(kind, zero_step_run, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(zero_step_run, out)
+    _spoil(kind, out / CHECKPOINT)
+    assert train_mod.main(["--out", str(out), "--resume", "--steps", "1", "--no-progress"]) == 2
+    _one_error_line(capsys, str(out / CHECKPOINT), "not a readable checkpoint")
+    with pytest.raises(ConfigError, match="not a readable checkpoint"):
+        read_checkpoint(out)
+
+
+def test_the_module_entry_point_prints_one_line_and_exits_2(data, tmp_path):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run([sys.executable, "-m", "dxr.train", *_args("lq-ddpm", data, tmp_path / "run", "--lr", "nan")],
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith("python -m dxr.train: error: lr must be")
+
+
+# --------------------------------------------------------------------------------------------------
+# crash safety
+
+
+def test_resume_drops_a_torn_last_metrics_line_and_stale_temporaries(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_mod.main(_args("lq-ddpm", data, out, "--steps", "2")) == 0
+    with open(out / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 3, "loss": 0.4')  # a write cut short by a crash
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])  # a process id that no longer runs
+    dead.wait()
+    stale = out / f".{CHECKPOINT}.tmp-{dead.pid}"
+    stale.write_bytes(b"half a checkpoint")
+    capsys.readouterr()
+    assert train_mod.main(["--out", str(out), "--resume", "--steps", "3", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "dropped its last line" in printed and f"removed {stale}" in printed
+    assert not stale.exists()
+    assert [r["step"] for r in _losses(out)] == [1, 2, 3]
+
+
+def test_resume_after_ctrl_c_mid_window_logs_what_an_uninterrupted_run_logs(data, tmp_path, monkeypatch):
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert train_mod.main(_args("lq-ddpm", data, full, "--steps", "5", "--log-every", "4")) == 0
+    calls = []
+    real_step = train_mod.train_step
+
+    def interrupted_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_step", interrupted_step)
+    assert train_mod.main(_args("lq-ddpm", data, split, "--steps", "5", "--log-every", "4")) == 130
+    monkeypatch.setattr(train_mod, "train_step", real_step)
+    assert train_mod.main(["--out", str(split), "--resume", "--no-progress"]) == 0
+    strip = lambda records: [{k: v for k, v in r.items() if k != "steps_per_s"} for r in records]  # noqa: E731
+    assert [r["step"] for r in _losses(split)] == [4, 5]
+    assert strip(_losses(split)) == strip(_losses(full))
+
+
+def test_metrics_log_refuses_a_bad_line_before_the_last(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "lo\n{"step": 3, "loss": 0.5}\n')
+    with pytest.raises(ValueError, match="line 2: not a metrics record"):
+        MetricsLog(tmp_path, resume_step=3)

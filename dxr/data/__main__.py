@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
+from dxr.cli import CommandError, run
 from dxr.data.build import DRRSettings, build_ct_drrs, build_default
 
 
@@ -46,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def _main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "build-default":
         settings = DRRSettings(image_size=args.image_size, n_samples=args.samples, nodule_fraction=args.nodule_fraction, max_nodules=args.max_nodules)
@@ -55,6 +57,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             hq_fov_mm=args.hq_fov_mm, settings=settings, seed=args.seed, device=args.device, progress=not args.no_progress, rebuild=args.rebuild,
         )
     else:
+        for flag, path in (("--ct", args.ct), ("--mask", args.mask)):
+            if path is not None and not Path(path).exists():  # found before any rendering starts
+                raise CommandError(f"{flag} {path}: no such file or folder")
         settings = DRRSettings(image_size=args.image_size, n_samples=args.samples)
         root = build_ct_drrs(
             args.ct, args.out, args.num, nodules=args.nodules, mask=args.mask, suppress=args.suppress_contrast, settings=settings,
@@ -62,6 +67,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
     print(root)
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command; returns its exit status (2 with one line on stderr for bad input, see :mod:`dxr.cli`)."""
+    return run(_main, argv, prog="python -m dxr.data")
 
 
 if __name__ == "__main__":

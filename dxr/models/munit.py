@@ -49,6 +49,23 @@ class MUNITConfig:
     beta2: float = 0.999
     weight_decay: float = 1e-4
 
+    @property
+    def size_multiple(self) -> int:
+        """Image height and width must be multiples of this: every strided path halves them that often
+        (content encoder, style encoder, and the coarsest discriminator after its poolings)."""
+        return 2 ** max(self.n_downsample, self.style_downsample, self.dis_layers + self.dis_scales - 1)
+
+    def validate(self) -> None:
+        """Raise ValueError, naming the setting, for an architecture that cannot be built."""
+        for name in ("channels", "dim", "style_dim", "mlp_dim", "dis_dim", "dis_layers", "dis_scales"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"munit.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("n_downsample", "style_downsample"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"munit.{name} must be >= 0, got {getattr(self, name)}")
+        if self.n_res < 1:
+            raise ValueError(f"munit.n_res must be >= 1 (the decoder's AdaIN blocks carry the style), got {self.n_res}")
+
 
 def _conv(in_channels: int, out_channels: int, kernel: int, stride: int = 1) -> nn.Conv2d:
     # reflection padding keeps the border statistics of radiographs (no dark frame)
@@ -238,6 +255,7 @@ class MUNIT(nn.Module):
     def __init__(self, config: Optional[MUNITConfig] = None, *, backend: Optional[str] = None, **overrides):
         super().__init__()
         self.config = MUNITConfig(**{**(asdict(config) if config else {}), **overrides})
+        self.config.validate()
         self.gen_lq, self.gen_hq = Generator(self.config, backend), Generator(self.config, backend)
         self.dis_lq, self.dis_hq = MultiScaleDiscriminator(self.config), MultiScaleDiscriminator(self.config)
         for gen in (self.gen_lq, self.gen_hq):

@@ -44,6 +44,32 @@ class UNetConfig:
         self.channel_mult = tuple(int(m) for m in self.channel_mult)
         self.attention_resolutions = tuple(int(r) for r in self.attention_resolutions)
 
+    @property
+    def size_multiple(self) -> int:
+        """Image height and width must be multiples of this: each level below the first halves them."""
+        return 2 ** (len(self.channel_mult) - 1)
+
+    def validate(self) -> None:
+        """Raise ValueError, naming the setting, for an architecture that cannot be built."""
+        for name in ("in_channels", "base_channels", "num_res_blocks", "num_groups", "num_head_channels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"unet.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.channel_mult or min(self.channel_mult) < 1:
+            raise ValueError(f"unet.channel_mult must be one or more multipliers >= 1, got {self.channel_mult}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"unet.dropout must be in [0, 1), got {self.dropout}")
+        widths = [self.base_channels * m for m in self.channel_mult]
+        for width in widths:
+            if width % self.num_groups:
+                raise ValueError(f"unet.num_groups ({self.num_groups}) must divide every level's channel count "
+                                 f"(unet.base_channels x unet.channel_mult = {widths})")
+        # self-attention runs at the listed resolutions and in the middle (the last level)
+        attended = [w for level, w in enumerate(widths) if self.image_size // 2 ** level in self.attention_resolutions]
+        for width in attended + widths[-1:]:
+            if width % self.num_head_channels:
+                raise ValueError(f"unet.num_head_channels ({self.num_head_channels}) must divide the channel count "
+                                 f"{width} of every level with self-attention")
+
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """Sinusoidal embedding (N, dim) float32 of timesteps t (N,): cosines then sines of t·ω_k,
@@ -139,10 +165,8 @@ class UNet(nn.Module):
         config = UNetConfig(**{**(asdict(config) if config else {}), **overrides})
         self.config, self.backend = config, backend
         c = config
+        c.validate()
         widths = [c.base_channels * m for m in c.channel_mult]
-        for width in widths:
-            if width % c.num_groups:
-                raise ValueError(f"num_groups ({c.num_groups}) must divide every level's channel count, got {widths}")
         block = dict(num_head_channels=c.num_head_channels, dropout=c.dropout, num_groups=c.num_groups,
                      scale_shift=c.scale_shift, backend=backend)
         emb_channels = 4 * c.base_channels

@@ -5,7 +5,8 @@ its EMA copy (``ema.*``) and the optimiser moments (``optim.<update>.<param>.<ke
 (safetensors metadata) with the configuration, the step, the optimisers' hyper-parameters, the
 gradient scaler and the data-order state. ``config.json`` repeats the configuration for people and
 tools. Both are written to a temporary file beside the target and renamed over it, so a crash never
-leaves a half-written checkpoint.
+leaves a half-written checkpoint; the temporary a killed process leaves is removed when the next run
+starts (:func:`remove_stale_temporaries`).
 
 The random state needs no saving: every step seeds torch from (seed, rank, step) and every data item
 from (seed, epoch, position) (see ``dxr.training.data``), so the step number restores it.
@@ -44,6 +45,29 @@ def atomic_write(path: Path, write) -> Path:
     return path
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(out: PathLike) -> list[Path]:
+    """Delete the temporaries (``.<name>.tmp-<pid>``) that a process killed mid-write left in ``out``,
+    those of processes no longer running; returns what was removed."""
+    out = Path(out)
+    removed = []
+    for tmp in out.glob(".*.tmp-*") if out.is_dir() else ():
+        pid = tmp.name.rpartition(".tmp-")[2]
+        if tmp.is_file() and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
 def _cpu(t: Tensor) -> Tensor:
     # safetensors stores dense CPU tensors; channels_last weights are copied to the plain layout
     return t.detach().to("cpu", copy=True).contiguous()
@@ -51,8 +75,11 @@ def _cpu(t: Tensor) -> Tensor:
 
 def save_checkpoint(out: PathLike, *, config: TrainConfig, step: int, net: nn.Module, ema: Optional[nn.Module],
                     optimizers: dict[str, torch.optim.Optimizer], scaler: Optional[torch.amp.GradScaler],
-                    data_state: dict) -> Path:
-    """Write ``out/checkpoint.safetensors`` and ``out/config.json`` atomically; returns the checkpoint path."""
+                    data_state: dict, log_window: Optional[dict] = None) -> Path:
+    """Write ``out/checkpoint.safetensors`` and ``out/config.json`` atomically; returns the checkpoint path.
+
+    ``log_window``: the metrics logging window open at ``step`` (``{"start": step, "sums": {name: float}}``),
+    so that a run resumed mid-window logs the record an uninterrupted run would."""
     from safetensors.torch import save_file
 
     tensors = {f"net.{k}": _cpu(v) for k, v in net.state_dict().items()}
@@ -77,6 +104,7 @@ def save_checkpoint(out: PathLike, *, config: TrainConfig, step: int, net: nn.Mo
             "optimizers": optimizer_header,
             "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
             "data": data_state,
+            "log_window": log_window,
         }),
     }
     out = Path(out)
@@ -103,7 +131,8 @@ class Checkpoint:
 
 def read_checkpoint(path: PathLike) -> Checkpoint:
     """Read a checkpoint file (or the one in a run folder). Raises FileNotFoundError when it is
-    missing and ConfigError when the file is not a dxr training checkpoint."""
+    missing and ConfigError, naming the file, when it is unreadable (empty, truncated, corrupt, another
+    format) or not a dxr training checkpoint."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -111,14 +140,26 @@ def read_checkpoint(path: PathLike) -> Checkpoint:
         path = path / CHECKPOINT
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-        if metadata.get("format") != FORMAT:
-            raise ConfigError(f"{path} is not a dxr training checkpoint (format {metadata.get('format')!r}, "
-                             f"expected {FORMAT!r})")
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    state = json.loads(metadata["state"])
-    return Checkpoint(path, TrainConfig.from_json(metadata["config"]), int(state["step"]), state, tensors)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            if metadata.get("format") != FORMAT:
+                raise ConfigError(f"{path} is not a dxr training checkpoint (format {metadata.get('format')!r}, "
+                                  f"expected {FORMAT!r})")
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except ConfigError:
+        raise
+    except Exception as err:  # safetensors' own error: empty, truncated, corrupt, or another format (a pickle)
+        size = path.stat().st_size
+        raise ConfigError(f"{path} is not a readable checkpoint ({size} bytes: {' '.join(str(err).split())}); "
+                          "it may be cut short by a crash or not a safetensors file: resume from another copy "
+                          "or start a new run") from None
+    try:
+        state = json.loads(metadata["state"])
+        return Checkpoint(path, TrainConfig.from_json(metadata["config"]), int(state["step"]), state, tensors)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConfigError(f"{path}: the checkpoint's header is incomplete or of another dxr version "
+                          f"({type(err).__name__}: {' '.join(str(err).split())})") from None
 
 
 def check_compatible(checkpoint: Checkpoint, config: TrainConfig) -> None:
@@ -170,4 +211,4 @@ def load_trained(path: PathLike, *, device="cpu", ema: bool = True, backend: Opt
 
 
 __all__ = ["save_checkpoint", "read_checkpoint", "check_compatible", "restore", "load_trained", "Checkpoint",
-           "atomic_write", "CHECKPOINT", "CONFIG"]
+           "atomic_write", "remove_stale_temporaries", "CHECKPOINT", "CONFIG"]

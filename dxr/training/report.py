@@ -20,15 +20,29 @@ class MetricsLog:
     """Appends one JSON record per line to ``folder/metrics.jsonl`` and keeps the loss history.
 
     ``resume_step``: records after it (logged after the checkpoint a run resumes from) are dropped,
-    so the file reads as one uninterrupted run; None starts a new file.
+    so the file reads as one uninterrupted run; None starts a new file. A last line cut short by a crash
+    is dropped too, with a line in :attr:`notes`; an unreadable line before the last raises ValueError
+    naming the file and line.
     """
 
     def __init__(self, folder: Path, resume_step: Optional[int] = None):
         self.path = Path(folder) / METRICS
         self.records: list[dict] = []
+        self.notes: list[str] = []
         if resume_step is not None and self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                record = json.loads(line)
+            lines = self.path.read_text(errors="replace").splitlines()
+            for number, line in enumerate(lines, 1):
+                try:
+                    record = json.loads(line)
+                    if not isinstance(record, dict):
+                        raise ValueError("not a JSON object")
+                except ValueError as err:
+                    if number == len(lines):
+                        self.notes.append(f"{self.path}: dropped its last line, cut short by an interrupted write "
+                                          f"({len(line)} characters)")
+                        break
+                    raise ValueError(f"{self.path}, line {number}: not a metrics record ({err}); "
+                                     "repair or delete the file to resume") from None
                 if record.get("step", 0) <= resume_step:
                     self.records.append(record)
         self.path.parent.mkdir(parents=True, exist_ok=True)
