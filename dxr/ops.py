@@ -14,6 +14,7 @@ them in one graph. The "torch" backend calls ``dxr.kernels.reference`` directly.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 from typing import Optional
 
@@ -34,6 +35,7 @@ _TRITON_MODULES = {
     "ddpm_step": "sampler",
     "ddim_step": "sampler",
 }
+OPS = tuple(_TRITON_MODULES)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -57,6 +59,24 @@ def _require_same_device(reference_name: str, ref: Tensor, **others: Optional[Te
 def _require_shape(name: str, value: Optional[Tensor], shape: tuple, what: str) -> None:
     if value is not None and tuple(value.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)} ({what}), got {tuple(value.shape)}")
+
+
+def _require_eps(eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+    return float(eps)
+
+
+def _differentiable_vjp(fn, inputs: tuple, grad_out: Tensor) -> tuple:
+    """The gradients of ``fn(*inputs)`` for ``grad_out``, as a graph (``create_graph``): the backward of a
+    fused op when a second derivative is asked for, from the reference, so that every backend has one."""
+    wanted = [i for i, v in enumerate(inputs) if isinstance(v, Tensor) and v.requires_grad]
+    out = fn(*inputs)
+    grads = torch.autograd.grad(out, [inputs[i] for i in wanted], grad_out, create_graph=True, allow_unused=True)
+    result = [None] * len(inputs)
+    for i, grad in zip(wanted, grads):
+        result[i] = grad if grad is not None else torch.zeros_like(inputs[i])
+    return tuple(result)
 
 
 def _require_timesteps(name: str, t, batch: int, num_steps: int, device, *, allow_negative: bool = False) -> Tensor:
@@ -170,14 +190,18 @@ def _(dy, x, weight, bias, mean, rstd, num_groups, silu, backend):
 
 
 def _group_norm_silu_setup(ctx, inputs, output):
-    x, weight, bias, num_groups, _eps, silu, backend = inputs
+    x, weight, bias, num_groups, eps, silu, backend = inputs
     _y, mean, rstd = output
     ctx.save_for_backward(x, weight, bias, mean, rstd)
-    ctx.num_groups, ctx.silu, ctx.backend = num_groups, silu, backend
+    ctx.num_groups, ctx.eps, ctx.silu, ctx.backend = num_groups, eps, silu, backend
 
 
 def _group_norm_silu_grad(ctx, dy, _dmean, _drstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph: a backward that is itself differentiable
+        def forward(x, weight, bias):
+            return reference.group_norm_silu(x, ctx.num_groups, weight, bias, ctx.eps, silu=ctx.silu)
+        return (*_differentiable_vjp(forward, (x, weight, bias), dy), None, None, None, None)
     dx, dweight, dbias = _group_norm_silu_bwd(dy, x, weight, bias, mean, rstd, ctx.num_groups, ctx.silu, ctx.backend)
     dweight = dweight.to(weight.dtype) if weight is not None else None
     dbias = dbias.to(bias.dtype) if bias is not None else None
@@ -209,12 +233,11 @@ def group_norm_silu(x: Tensor, num_groups: int, weight: Optional[Tensor] = None,
             _require_tensor(name, p)
             _require_shape(name, p, (channels,), "one value per channel of x")
     _require_same_device("x", x, weight=weight, bias=bias)
-    if eps <= 0:
-        raise ValueError(f"eps must be positive, got {eps}")
-    chosen = resolve_backend(backend, "group_norm_silu", x)
+    eps = _require_eps(eps)
+    chosen = resolve_backend(backend, "group_norm_silu", x, *(p for p in (weight, bias) if p is not None))
     if chosen == "torch":
         return reference.group_norm_silu(x, num_groups, weight, bias, eps, silu=silu)
-    return _group_norm_silu_fwd(x, weight, bias, num_groups, float(eps), bool(silu), chosen)[0]
+    return _group_norm_silu_fwd(x, weight, bias, num_groups, eps, bool(silu), chosen)[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -245,14 +268,18 @@ def _(dy, x, scale, mean, rstd, backend):
 
 
 def _adain_setup(ctx, inputs, output):
-    x, scale, shift, _eps, backend = inputs
+    x, scale, shift, eps, backend = inputs
     _y, mean, rstd = output
-    ctx.save_for_backward(x, scale, mean, rstd)
-    ctx.shift_dtype, ctx.backend = shift.dtype, backend
+    ctx.save_for_backward(x, scale, shift, mean, rstd)
+    ctx.eps, ctx.shift_dtype, ctx.backend = eps, shift.dtype, backend
 
 
 def _adain_grad(ctx, dy, _dmean, _drstd):
-    x, scale, mean, rstd = ctx.saved_tensors
+    x, scale, shift, mean, rstd = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph: a backward that is itself differentiable
+        def forward(x, scale, shift):
+            return reference.adain(x, scale, shift, ctx.eps)
+        return (*_differentiable_vjp(forward, (x, scale, shift), dy), None, None)
     dx, dscale, dshift = _adain_bwd(dy, x, scale, mean, rstd, ctx.backend)
     return dx, dscale.to(scale.dtype), dshift.to(ctx.shift_dtype), None, None
 
@@ -273,12 +300,11 @@ def adain(x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e-5, *, backend
         _require_tensor(name, p)
         _require_shape(name, p, tuple(x.shape[:2]), "one value per (sample, channel) of x")
     _require_same_device("x", x, scale=scale, shift=shift)
-    if eps <= 0:
-        raise ValueError(f"eps must be positive, got {eps}")
+    eps = _require_eps(eps)
     chosen = resolve_backend(backend, "adain", x)
     if chosen == "torch":
         return reference.adain(x, scale, shift, eps)
-    return _adain_fwd(x, scale, shift, float(eps), chosen)[0]
+    return _adain_fwd(x, scale, shift, eps, chosen)[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -315,6 +341,10 @@ def _attention_setup(ctx, inputs, output):
 
 def _attention_grad(ctx, do, _dlse):
     q, k, v, o, lse = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph: a backward that is itself differentiable
+        def forward(q, k, v):
+            return reference.attention(q, k, v, ctx.scale)
+        return (*_differentiable_vjp(forward, (q, k, v), do), None, None)
     dq, dk, dv = _attention_bwd(do, q, k, v, o, lse, ctx.scale, ctx.backend)
     return dq, dk, dv, None, None
 
@@ -343,6 +373,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, *,
     if d > MAX_HEAD_DIM or d == 0:
         raise ValueError(f"head dim D of q must lie in [1, {MAX_HEAD_DIM}], got {d}")
     scale = float(d ** -0.5 if scale is None else scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number or None (D^-1/2), got {scale!r}")
     chosen = resolve_backend(backend, "attention", q)
     if chosen == "torch":
         return reference.attention(q, k, v, scale)
@@ -391,6 +423,23 @@ def _(x_t, model_out, t, alphas_cumprod, prediction, clip_x0, variance, noise, s
     return torch.empty_like(x_t)
 
 
+def _ddpm_step_setup(ctx, inputs, output):
+    x_t, model_out, t, alphas_cumprod, prediction, clip_x0, variance, noise, _seed, _backend = inputs
+    ctx.save_for_backward(x_t, model_out, t, alphas_cumprod)
+    ctx.options = dict(prediction=prediction, clip_x0=clip_x0, variance=variance)
+    ctx.dtypes = (x_t.dtype, model_out.dtype, None if noise is None else noise.dtype)
+
+
+def _ddpm_step_grad(ctx, dout):
+    x_t, model_out, t, alphas_cumprod = ctx.saved_tensors
+    dx, dm, dz = reference.ddpm_step_vjp(dout, x_t, model_out, t, alphas_cumprod, **ctx.options)
+    dz = dz.to(ctx.dtypes[2]) if ctx.dtypes[2] is not None else None
+    return dx.to(ctx.dtypes[0]), dm.to(ctx.dtypes[1]), None, None, None, None, None, dz, None, None
+
+
+_ddpm_step.register_autograd(_ddpm_step_grad, setup_context=_ddpm_step_setup)
+
+
 @torch.library.custom_op("dxr::ddim_step", mutates_args=())
 def _ddim_step(x_t: Tensor, model_out: Tensor, t: Tensor, t_prev: Tensor, alphas_cumprod: Tensor, eta: float,
                prediction: str, clip_x0: Optional[float], noise: Optional[Tensor], seed: int, backend: str) -> Tensor:
@@ -401,6 +450,23 @@ def _ddim_step(x_t: Tensor, model_out: Tensor, t: Tensor, t_prev: Tensor, alphas
 @_ddim_step.register_fake
 def _(x_t, model_out, t, t_prev, alphas_cumprod, eta, prediction, clip_x0, noise, seed, backend):
     return torch.empty_like(x_t)
+
+
+def _ddim_step_setup(ctx, inputs, output):
+    x_t, model_out, t, t_prev, alphas_cumprod, eta, prediction, clip_x0, noise, _seed, _backend = inputs
+    ctx.save_for_backward(x_t, model_out, t, t_prev, alphas_cumprod)
+    ctx.options = dict(eta=eta, prediction=prediction, clip_x0=clip_x0)
+    ctx.dtypes = (x_t.dtype, model_out.dtype, None if noise is None else noise.dtype)
+
+
+def _ddim_step_grad(ctx, dout):
+    x_t, model_out, t, t_prev, alphas_cumprod = ctx.saved_tensors
+    dx, dm, dz = reference.ddim_step_vjp(dout, x_t, model_out, t, t_prev, alphas_cumprod, **ctx.options)
+    dz = dz.to(ctx.dtypes[2]) if ctx.dtypes[2] is not None else None
+    return dx.to(ctx.dtypes[0]), dm.to(ctx.dtypes[1]), None, None, None, None, None, None, dz, None, None
+
+
+_ddim_step.register_autograd(_ddim_step_grad, setup_context=_ddim_step_setup)
 
 
 def _require_schedule(alphas_cumprod, x: Tensor) -> Tensor:
@@ -493,8 +559,8 @@ def ddim_step(x_t: Tensor, model_out: Tensor, t, t_prev, alphas_cumprod: Tensor,
     _require_pair("x_t", x_t, "noise", noise)
     _require_choice("prediction", prediction, ("eps", "v"))
     clip_x0 = _require_clip(clip_x0)
-    if not eta >= 0:
-        raise ValueError(f"eta must be >= 0, got {eta!r}")
+    if not (eta >= 0 and math.isfinite(eta)):
+        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
     alphas_cumprod = _require_schedule(alphas_cumprod, x_t)
     n, steps = x_t.shape[0], alphas_cumprod.numel()
     t = _require_timesteps("t", t, n, steps, x_t.device)
@@ -508,4 +574,4 @@ def ddim_step(x_t: Tensor, model_out: Tensor, t, t_prev, alphas_cumprod: Tensor,
 
 
 __all__ = ["group_norm_silu", "adain", "attention", "q_sample", "ddpm_step", "ddim_step", "resolve_backend",
-           "BACKENDS"]
+           "BACKENDS", "OPS"]

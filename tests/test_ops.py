@@ -31,7 +31,7 @@ def _gn(**kw):
         (dict(x=[[1.0]]), TypeError, "x must be a torch.Tensor"),
         (dict(weight=torch.ones(8, dtype=torch.int64)), TypeError, "weight must be a floating-point"),
         (dict(weight=torch.ones(8, device="meta")), ValueError, "weight is on meta but x is on cpu"),
-        (dict(eps=0.0), ValueError, "eps must be positive"),
+        (dict(eps=0.0), ValueError, "eps must be a finite number > 0"),
         (dict(backend="cudnn"), ValueError, "backend must be one of"),
     ],
 )
@@ -109,7 +109,7 @@ def test_ddim_step_rejects_bad_t_prev_and_eta():
     x = torch.randn(2, 3, 4)
     with pytest.raises(ValueError, match=r"t_prev must lie in \[-1 \(the final step\), 49\]"):
         ops.ddim_step(x, x, torch.tensor([3, 2]), torch.tensor([-2, 1]), _schedule())
-    with pytest.raises(ValueError, match="eta must be >= 0"):
+    with pytest.raises(ValueError, match="eta must be a finite number >= 0"):
         ops.ddim_step(x, x, torch.tensor([3, 2]), torch.tensor([1, 1]), _schedule(), eta=-0.5)
 
 
@@ -249,3 +249,161 @@ def test_schedules_are_decreasing_in_0_1():
     for ac in (linear_schedule(1000), cosine_schedule(1000)):
         assert ac.dtype == torch.float64 and ac.shape == (1000,)
         assert bool((ac[1:] < ac[:-1]).all()) and 0 < float(ac[-1]) < float(ac[0]) < 1
+
+
+# --------------------------------------------------------------------------------------------------
+# autograd: the same on every backend (first and second derivatives), opcheck with inputs that need grad
+
+BACKENDS = ["torch", "triton"]
+
+
+def _leaf(*shape, seed, dtype=torch.float32):
+    return randn(*shape, dtype=dtype, seed=seed, device="cpu").requires_grad_()
+
+
+def _grads(fn, inputs, seed=99):
+    """(output, first derivatives for a random cotangent, second derivatives of their squared sum)."""
+    out = fn(*inputs)
+    cot = randn(*out.shape, seed=seed, device="cpu")
+    first = torch.autograd.grad(out, inputs, cot, create_graph=True, allow_unused=True)
+    first = [torch.zeros_like(v) if g is None else g for v, g in zip(inputs, first)]  # unused: a zero gradient
+    total = sum(g.square().sum() for g in first)
+    # an affine op's gradient does not depend on its inputs: its second derivative is zero
+    second = torch.autograd.grad(total, inputs, allow_unused=True) if total.requires_grad else [None] * len(inputs)
+    second = [torch.zeros_like(v) if g is None else g for v, g in zip(inputs, second)]
+    return out.detach(), [g.detach() for g in first], second
+
+
+def _assert_backends_agree(make, inputs, atol=2e-4, rtol=2e-4):
+    results = {b: _grads(make(b), inputs) for b in BACKENDS}
+    (y0, g0, h0), (y1, g1, h1) = results["torch"], results["triton"]
+    torch.testing.assert_close(y1, y0, atol=atol, rtol=rtol)
+    for name, a, b in [("grad", g1, g0), ("second derivative", h1, h0)]:
+        for i, (u, v) in enumerate(zip(a, b)):
+            torch.testing.assert_close(u, v, atol=atol, rtol=rtol, msg=f"{name} of input {i}")
+
+
+_SCHEDULE = cosine_schedule(50)
+_T, _T_PREV = torch.tensor([0, 17, 49]), torch.tensor([-1, 9, 30])
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("clip_x0", [None, 1.0])
+@pytest.mark.parametrize("variance", ["small", "large"])
+def test_ddpm_step_backward_is_the_same_on_every_backend(prediction, clip_x0, variance):
+    inputs = (_leaf(3, 2, 5, 4, seed=1), _leaf(3, 2, 5, 4, seed=2), _leaf(3, 2, 5, 4, seed=3))
+
+    def make(backend):
+        return lambda x, m, z: ops.ddpm_step(x, m, _T, _SCHEDULE, prediction=prediction, clip_x0=clip_x0,
+                                             variance=variance, noise=z, backend=backend)
+    _assert_backends_agree(make, inputs)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("clip_x0", [None, 1.0])
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+def test_ddim_step_backward_is_the_same_on_every_backend(prediction, clip_x0, eta):
+    inputs = (_leaf(3, 2, 5, 4, seed=4), _leaf(3, 2, 5, 4, seed=5), _leaf(3, 2, 5, 4, seed=6))
+
+    def make(backend):
+        return lambda x, m, z: ops.ddim_step(x, m, _T, _T_PREV, _SCHEDULE, eta=eta, prediction=prediction,
+                                             clip_x0=clip_x0, noise=z, backend=backend)
+    _assert_backends_agree(make, inputs)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("clip_x0", [None, 0.8])
+def test_step_vjps_are_the_derivative_of_the_reference(prediction, clip_x0):
+    x, m, z = (randn(3, 2, 4, 4, dtype=torch.float64, seed=s, device="cpu").requires_grad_() for s in (7, 8, 9))
+    ac, dout = _SCHEDULE.double(), randn(3, 2, 4, 4, dtype=torch.float64, seed=10, device="cpu")
+    for variance in ("small", "large"):
+        out = reference.ddpm_step(x, m, _T, ac, prediction=prediction, clip_x0=clip_x0, variance=variance, noise=z)
+        expected = torch.autograd.grad(out, (x, m, z), dout)
+        got = reference.ddpm_step_vjp(dout, x, m, _T, ac, prediction=prediction, clip_x0=clip_x0, variance=variance)
+        for e, g in zip(expected, got):
+            torch.testing.assert_close(g, e, atol=1e-12, rtol=1e-10)
+    for eta in (0.0, 0.5):
+        out = reference.ddim_step(x, m, _T, _T_PREV, ac, eta=eta, prediction=prediction, clip_x0=clip_x0, noise=z)
+        expected = torch.autograd.grad(out, (x, m, z), dout, allow_unused=True)
+        got = reference.ddim_step_vjp(dout, x, m, _T, _T_PREV, ac, eta=eta, prediction=prediction, clip_x0=clip_x0)
+        for e, g in zip(expected, got):
+            torch.testing.assert_close(g, torch.zeros_like(g) if e is None else e, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("affine", ["both", "bias only", "weight only", "none"])
+def test_group_norm_silu_autograd_is_the_same_on_every_backend(affine):
+    x = _leaf(2, 6, 3, 5, seed=11)
+    weight = _leaf(6, seed=12) if affine in ("both", "weight only") else None
+    bias = _leaf(6, seed=13) if affine in ("both", "bias only") else None
+    params = [p for p in (weight, bias) if p is not None]
+
+    def make(backend):
+        def fn(x, *given):
+            it = iter(given)
+            w = next(it) if weight is not None else None
+            b = next(it) if bias is not None else None
+            return ops.group_norm_silu(x, 3, w, b, backend=backend)
+        return fn
+    _assert_backends_agree(make, (x, *params))
+
+
+@pytest.mark.parametrize("x_dtype, param_dtype", [(torch.float32, torch.float16), (torch.float16, torch.float32),
+                                                  (torch.bfloat16, torch.float16)])
+def test_group_norm_silu_takes_parameters_of_another_dtype_on_every_backend(x_dtype, param_dtype):
+    x = randn(2, 4, 3, 3, dtype=x_dtype, seed=14, device="cpu").requires_grad_()
+    w, b = (randn(4, dtype=param_dtype, seed=s, device="cpu").requires_grad_() for s in (15, 16))
+    results = {}
+    for backend in BACKENDS:
+        y = ops.group_norm_silu(x, 2, w, b, backend=backend)
+        grads = torch.autograd.grad(y.float().square().sum(), (x, w, b))
+        assert y.dtype == x_dtype and [g.dtype for g in grads] == [x_dtype, param_dtype, param_dtype]
+        results[backend] = (y, *grads)
+    for a, e in zip(results["triton"], results["torch"]):
+        torch.testing.assert_close(a.float(), e.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_adain_and_attention_second_derivatives_are_the_same_on_every_backend():
+    x, scale, shift = _leaf(2, 3, 4, 5, seed=17), _leaf(2, 3, seed=18), _leaf(2, 3, seed=19)
+    _assert_backends_agree(lambda b: (lambda x, s, h: ops.adain(x, s, h, backend=b)), (x, scale, shift))
+    q, k, v = _leaf(1, 2, 5, 16, seed=20), _leaf(1, 2, 7, 16, seed=21), _leaf(1, 2, 7, 16, seed=22)
+    _assert_backends_agree(lambda b: (lambda q, k, v: ops.attention(q, k, v, backend=b)), (q, k, v))
+
+
+def test_opcheck_passes_for_every_op_with_inputs_that_require_grad():
+    x, m, z = _leaf(2, 4, 3, 5, seed=23), _leaf(2, 4, 3, 5, seed=24), _leaf(2, 4, 3, 5, seed=25)
+    w, b = _leaf(4, seed=26), _leaf(4, seed=27)
+    t, t_prev = torch.tensor([0, 30]), torch.tensor([-1, 20])
+    cases = [
+        (torch.ops.dxr.group_norm_silu_fwd.default, (x, w, b, 2, 1e-5, True, "triton")),
+        (torch.ops.dxr.group_norm_silu_fwd.default, (x, None, b, 2, 1e-5, False, "triton")),
+        (torch.ops.dxr.adain_fwd.default, (x, _leaf(2, 4, seed=28), _leaf(2, 4, seed=29), 1e-5, "triton")),
+        (torch.ops.dxr.attention_fwd.default, (_leaf(1, 2, 3, 16, seed=30), _leaf(1, 2, 4, 16, seed=31),
+                                               _leaf(1, 2, 4, 16, seed=32), 0.25, "triton")),
+        (torch.ops.dxr.q_sample.default, (x, z, t, _SCHEDULE, "triton")),
+        (torch.ops.dxr.ddpm_step.default, (x, m, t, _SCHEDULE, "eps", None, "small", z, 0, "triton")),
+        (torch.ops.dxr.ddpm_step.default, (x, m, t, _SCHEDULE, "v", 1.0, "large", None, 3, "triton")),
+        (torch.ops.dxr.ddim_step.default, (x, m, t, t_prev, _SCHEDULE, 0.0, "eps", 1.0, None, 0, "triton")),
+        (torch.ops.dxr.ddim_step.default, (x, m, t, t_prev, _SCHEDULE, 0.6, "v", None, z, 0, "triton")),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("eps", [float("nan"), float("inf"), 0.0, -1e-5])
+def test_non_finite_or_non_positive_eps_is_refused_on_every_backend(backend, eps):
+    x = torch.randn(2, 4, 3, 3)
+    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+        ops.group_norm_silu(x, 2, eps=eps, backend=backend)
+    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+        ops.adain(x, torch.ones(2, 4), torch.zeros(2, 4), eps=eps, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_eta_and_scale_are_refused_on_every_backend(backend):
+    x = torch.randn(2, 4, 3, 3)
+    with pytest.raises(ValueError, match="eta must be a finite number >= 0"):
+        ops.ddim_step(x, x, 3, 2, _SCHEDULE, eta=float("inf"), backend=backend)
+    q = torch.randn(1, 1, 3, 8)
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        ops.attention(q, q, q, scale=float("nan"), backend=backend)

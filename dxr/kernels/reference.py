@@ -18,7 +18,22 @@ def _acc(x):
 
 
 def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, *, silu=True):
-    """``silu(group_norm(x))`` for x of shape (N, C, *); ``silu=False`` is plain GroupNorm."""
+    """``silu(group_norm(x))`` for x of shape (N, C, *); ``silu=False`` is plain GroupNorm.
+
+    weight and bias may be None independently and of another dtype than x; the output has x's dtype.
+    """
+    params = [p for p in (weight, bias) if p is not None]
+    if (weight is None and bias is not None) or any(p.dtype != x.dtype for p in params):
+        # aten takes a bias only with a weight, and parameters only of x's dtype: apply the affine here
+        dtype = torch.float32
+        for tensor in (x, *params):
+            dtype = torch.promote_types(dtype, tensor.dtype)
+        y = F.group_norm(x.to(dtype), num_groups, None, None, eps)
+        shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+        if weight is not None:
+            y = y * weight.to(dtype).reshape(shape)
+        y = y + bias.to(dtype).reshape(shape) if bias is not None else y
+        return (F.silu(y) if silu else y).to(x.dtype)
     y = F.group_norm(x, num_groups, weight, bias, eps)
     return F.silu(y) if silu else y
 
@@ -124,7 +139,62 @@ def ddim_step(x_t, model_out, t, t_prev, alphas_cumprod, *, eta=0.0, prediction=
     return out.to(x_t.dtype)
 
 
+# --------------------------------------------------------------------------------------------------
+# the steps' vector-Jacobian products: each step is affine in (x_t, model_out, noise) per sample, with
+# the clamp of x0 (when clip_x0 is set) passing gradient where x0 lies in [-clip_x0, clip_x0]
+
+
+def _x0_coefficients(ab, prediction):
+    """(a, b) with x0 = a·x_t + b·model_out."""
+    if prediction == "eps":
+        return ab.rsqrt(), -(1 - ab).sqrt() * ab.rsqrt()
+    return ab.sqrt(), -(1 - ab).sqrt()
+
+
+def _inside_clip(xf, mf, a, b, clip_x0):
+    x0 = a * xf + b * mf
+    return ((x0 >= -clip_x0) & (x0 <= clip_x0)).to(x0.dtype)
+
+
+def ddpm_step_vjp(dout, x_t, model_out, t, alphas_cumprod, *, prediction="eps", clip_x0=None, variance="small"):
+    """(d x_t, d model_out, d noise) of :func:`ddpm_step` for the output gradient ``dout``, in the
+    accumulation dtype: the closed form of the step's derivative."""
+    nd = x_t.dim()
+    xf, mf, g = _acc(x_t), _acc(model_out), _acc(dout)
+    ab = _per_sample(alphas_cumprod, t, nd)
+    ab_prev = torch.where(t > 0, _acc(alphas_cumprod)[(t - 1).clamp(min=0)], 1.0).reshape(ab.shape)
+    beta = 1 - ab / ab_prev
+    to_x0 = beta * ab_prev.sqrt() / (1 - ab)  # posterior mean = to_x0·x0 + to_xt·x_t
+    to_xt = (1 - ab_prev) * (1 - beta).sqrt() / (1 - ab)
+    a, b = _x0_coefficients(ab, prediction)
+    g_x0 = to_x0 * g
+    if clip_x0 is not None:
+        g_x0 = g_x0 * _inside_clip(xf, mf, a, b, clip_x0)
+    var = beta * (1 - ab_prev) / (1 - ab) if variance == "small" else beta
+    nonzero = (t > 0).to(ab.dtype).reshape(ab.shape)
+    return a * g_x0 + to_xt * g, b * g_x0, nonzero * var.sqrt() * g
+
+
+def ddim_step_vjp(dout, x_t, model_out, t, t_prev, alphas_cumprod, *, eta=0.0, prediction="eps", clip_x0=None):
+    """(d x_t, d model_out, d noise) of :func:`ddim_step` for the output gradient ``dout``, in the
+    accumulation dtype: the closed form of the step's derivative."""
+    nd = x_t.dim()
+    xf, mf, g = _acc(x_t), _acc(model_out), _acc(dout)
+    ab = _per_sample(alphas_cumprod, t, nd)
+    ab_prev = torch.where(t_prev >= 0, _acc(alphas_cumprod)[t_prev.clamp(min=0)], 1.0).reshape(ab.shape)
+    sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).clamp(min=0).sqrt()
+    to_eps = (1 - ab_prev - sigma**2).clamp(min=0).sqrt()  # out = sqrt(ᾱ_prev)·x0 + to_eps·eps + σ·z
+    a, b = _x0_coefficients(ab, prediction)
+    if clip_x0 is None:
+        e1, e2 = (torch.zeros_like(ab), torch.ones_like(ab)) if prediction == "eps" else ((1 - ab).sqrt(), ab.sqrt())
+        g_x0 = ab_prev.sqrt() * g
+        return a * g_x0 + to_eps * e1 * g, b * g_x0 + to_eps * e2 * g, sigma * g
+    # eps is recomputed from the clamped x0: eps = (x_t - sqrt(ᾱ)·x0) / sqrt(1 - ᾱ)
+    g_x0 = (ab_prev.sqrt() - to_eps * ab.sqrt() / (1 - ab).sqrt()) * g * _inside_clip(xf, mf, a, b, clip_x0)
+    return a * g_x0 + to_eps / (1 - ab).sqrt() * g, b * g_x0, sigma * g
+
+
 __all__ = [
     "group_norm_silu", "adain", "attention", "q_sample", "ddpm_step", "ddim_step",
-    "predict_x0", "predict_eps",
+    "predict_x0", "predict_eps", "ddpm_step_vjp", "ddim_step_vjp",
 ]
