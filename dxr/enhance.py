@@ -255,7 +255,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def _main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     files = _inputs(args.inputs)
     restorer = Restorer.from_checkpoint(args.checkpoint, device=args.device, backend=args.backend, steps=args.steps,
@@ -275,5 +275,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command: its exit status (2 with one line on stderr for input it cannot work with)."""
+    return run(_main, argv, prog="python -m dxr.enhance")
+
+
 if __name__ == "__main__":
-    sys.exit(run(main, prog="python -m dxr.enhance"))
+    sys.exit(main())

@@ -105,16 +105,20 @@ def _train(plan: Plan, stage: str, name: str, pairs: Optional[str] = None) -> Ca
             argv += ["--set", assignment]
         if _training_done(folder) is False:
             argv = ["--resume", "--out", str(folder)] + (["--no-progress"] if not plan.progress else [])
-        _run_command(train.main, argv, name)
+        _run_command(train, argv, name)
     return go
 
 
-def _run_command(module_main, argv: Sequence[str], name: str) -> None:
-    status = module_main(list(argv))
-    if status == 130:
-        raise KeyboardInterrupt
-    if status != 0:
-        raise CommandError(f"stage {name} failed with status {status}")
+def _run_command(module, argv: Sequence[str], name: str) -> None:
+    """Run ``module``'s command on ``argv``; its expected failures become one CommandError naming the stage."""
+    from dxr.cli import PATH_ERRORS, one_line
+
+    try:
+        status = module._main(list(argv))
+    except (ValueError,) + PATH_ERRORS as err:
+        raise CommandError(f"stage {name}: {one_line(err)}") from None
+    if status:
+        raise CommandError(f"stage {name} ended with status {status}")
 
 
 def stages(plan: Plan) -> list[tuple[str, Callable[[], bool], Callable[[], None]]]:
@@ -157,7 +161,7 @@ def stages(plan: Plan) -> list[tuple[str, Callable[[], bool], Callable[[], None]
             if generator == "ddpm":
                 strength, steps = SDEDIT[plan.preset]
                 argv += ["--strength", strength, "--steps", steps]
-            _run_command(synth.main, argv, name)
+            _run_command(synth, argv, name)
         return go
 
     def manifest_done(name: str, file: str = "manifest.json") -> Callable[[], bool]:
@@ -175,7 +179,7 @@ def stages(plan: Plan) -> list[tuple[str, Callable[[], bool], Callable[[], None]
                 "--drrs", str(plan.dataset / "lq" / "test"), *_common(plan)]
         if plan.max_images:
             argv += ["--max-images", str(plan.max_images)]
-        _run_command(evaluate.main, argv, "evaluate")
+        _run_command(evaluate, argv, "evaluate")
 
     def enhance_run() -> None:
         from dxr import enhance
@@ -186,7 +190,7 @@ def stages(plan: Plan) -> list[tuple[str, Callable[[], bool], Callable[[], None]
         target = folder("enhance")
         argv = ["--checkpoint", str(folder("hq-ddpm-munit")), "--out", str(target), "--steps", str(plan.sample_steps),
                 *_common(plan), *map(str, drrs)]
-        _run_command(enhance.main, argv, "enhance")
+        _run_command(enhance, argv, "enhance")
         record = json.dumps({"inputs": [str(p) for p in drrs], "checkpoint": str(folder("hq-ddpm-munit"))}, indent=1)
         atomic_write(target / "manifest.json", lambda tmp: tmp.write_text(record))
 

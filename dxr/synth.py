@@ -197,7 +197,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def _main(argv: Optional[Sequence[str]] = None) -> int:
     from dxr.data.build import file_sha256
 
     args = _parser().parse_args(argv)
@@ -233,5 +233,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command: its exit status (2 with one line on stderr for input it cannot work with)."""
+    return run(_main, argv, prog="python -m dxr.synth")
+
+
 if __name__ == "__main__":
-    sys.exit(run(main, prog="python -m dxr.synth"))
+    sys.exit(main())

@@ -118,6 +118,9 @@ class _EdgeErrors(torch.nn.Module):
     def alphas_cumprod(self, device):
         return self.alphas.to(device)
 
+    def to_image(self, sample, cond=None):
+        return sample
+
     def denoiser(self, x, t, cond):
         edge = torch.zeros_like(cond)
         b = self.band

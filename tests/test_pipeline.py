@@ -68,6 +68,14 @@ def test_bad_pipeline_inputs_are_one_line_errors(tmp_path, capsys):
         assert status == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
         assert all(word in err for word in words), err
     assert not (tmp_path / "run" / "data" / "dataset.json").exists()
+    # a stage that cannot start: one line naming the stage and the setting, nothing trained
+    data = make_dataset(tmp_path / "data")
+    status = run(pipeline.main, pipeline_argv(data, tmp_path / "bad", "--set", "unet.num_groups=3"),
+                 prog="python -m dxr.pipeline")
+    err = capsys.readouterr().err
+    assert status == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "stage lq-ddpm" in err and "num_groups" in err
+    assert not (tmp_path / "bad" / "lq-ddpm" / CHECKPOINT).exists()
 
 
 def _metrics(ours_psnr, baseline_psnr, identity_psnr, noise, hq_noise, kept):

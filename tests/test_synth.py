@@ -123,3 +123,25 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(tmp_path, runs, capsys
     _fails(capsys, ["--generator", "ddpm", "--checkpoint", str(run / "lq-ddpm"), "--strength", "0", *base],
            "--strength")
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_reference_styles_and_ilvr(tmp_path, runs):
+    data, _ = runs
+    out, _ = _synth(tmp_path, runs, "munit", "--style", "reference", "--style-images", str(data / "lq" / "train"),
+                    "--split", "test")
+    assert json.loads((out / "manifest.json").read_text())["settings"]["style"] == "reference"
+    random_style, _ = _synth(tmp_path / "random", runs, "munit", "--split", "test")
+    differs = [np.abs(read_image(p) - read_image(random_style / "test" / "lq" / p.name)).max() > 1e-3
+               for p in sorted((out / "test" / "lq").iterdir())]
+    assert all(differs)  # the reference images' styles, not random ones
+    guided, _ = _synth(tmp_path, runs, "ddpm", "--ilvr", "4", "--strength", "0.9", "--steps", "3", "--split", "test")
+    free, _ = _synth(tmp_path / "free", runs, "ddpm", "--strength", "0.9", "--steps", "3", "--split", "test")
+    from dxr.diffusion import low_pass
+
+    def low(folder, name):
+        return low_pass(torch.from_numpy(read_image(folder / "test" / name))[None, None], 4)
+
+    for path in sorted((guided / "test" / "lq").iterdir()):
+        hq = low(guided, "hq/" + path.name)
+        # ILVR keeps the HQ image's 1/4 low-pass far closer than unguided SDEdit at the same strength
+        assert (low(guided, "lq/" + path.name) - hq).abs().mean() < 0.5 * (low(free, "lq/" + path.name) - hq).abs().mean()
