@@ -13,20 +13,14 @@ from dxr.cli import run  # noqa: E402
 from dxr.data.io import read_image, write_png16  # noqa: E402
 from dxr.diffusion import ddim_sample  # noqa: E402
 from dxr.inference import to_signed, to_unit  # noqa: E402
-from dxr.pipeline import Plan, run_pipeline  # noqa: E402
 
-from tiny import SETTINGS, SIZE, make_dataset, radiograph  # noqa: E402
+from tiny import SIZE, radiograph, trained_runs  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A tiny dataset, its stage-1 models, MUNIT-LQ pairs and DDPM-HQ trained on them (two steps each)."""
-    root = tmp_path_factory.mktemp("enhance")
-    data = make_dataset(root / "data")
-    plan = Plan(out=root / "run", preset="cpu-demo", data=data, device="cpu", steps=2, sample_steps=2, max_images=None,
-                progress=False, seed=0, overrides=SETTINGS)
-    run_pipeline(plan, stop_after="hq-ddpm-munit", log=lambda line: None)
-    return data, root / "run"
+    return trained_runs(tmp_path_factory.mktemp("enhance"), "hq-ddpm-munit")
 
 
 @pytest.fixture(scope="module")

@@ -14,20 +14,14 @@ from dxr.cli import run  # noqa: E402
 from dxr.data.build import file_sha256  # noqa: E402
 from dxr.data.io import read_image, write_png16  # noqa: E402
 from dxr.diffusion import make_schedule  # noqa: E402
-from dxr.pipeline import Plan, run_pipeline  # noqa: E402
 
-from tiny import SETTINGS, SIZE, make_dataset  # noqa: E402
+from tiny import SIZE, trained_runs  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A tiny dataset and its stage-1 models (two training steps each)."""
-    root = tmp_path_factory.mktemp("synth")
-    data = make_dataset(root / "data")
-    plan = Plan(out=root / "run", preset="cpu-demo", data=data, device="cpu", steps=2, sample_steps=2, max_images=None,
-                progress=False, seed=0, overrides=SETTINGS)
-    run_pipeline(plan, stop_after="lq-munit", log=lambda line: None)
-    return data, root / "run"
+    return trained_runs(tmp_path_factory.mktemp("synth"), "lq-munit")
 
 
 def _synth(tmp_path, runs, generator, *extra):

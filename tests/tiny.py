@@ -54,3 +54,15 @@ def pipeline_argv(data: Path, out: Path, *extra: str) -> list[str]:
     for setting in SETTINGS:
         argv += ["--set", setting]
     return argv + list(extra)
+
+
+def trained_runs(root: Path, stop_after: str) -> tuple[Path, Path]:
+    """(dataset, run folder): a tiny dataset under ``root`` and the pipeline's stages up to
+    ``stop_after`` trained on it for two steps each."""
+    from dxr.pipeline import Plan, run_pipeline
+
+    data = make_dataset(root / "data")
+    plan = Plan(out=root / "run", preset="cpu-demo", data=data, device="cpu", steps=2, sample_steps=2,
+                max_images=None, progress=False, seed=0, overrides=SETTINGS)
+    run_pipeline(plan, stop_after=stop_after, log=lambda line: None)
+    return data, root / "run"
