@@ -53,8 +53,8 @@ def _one_error_line(capsys, *expected):
     ("cut.nii.gz", (), ["cut.nii.gz", "truncated"]),
     ("series", (), ["series", "no DICOM slices"]),
     ("badseries", (), ["0001.dcm", "not a readable DICOM"]),
-    ("ct.nii.gz", ("--num", "0"), ["num must be >= 1"]),
-    ("ct.nii.gz", ("--image-size", "4"), ["image_size must be >= 8"]),
+    ("ct.nii.gz", ("--num", "0"), ["--num must be >= 1"]),
+    ("ct.nii.gz", ("--image-size", "4"), ["--image-size must be >= 8"]),
     ("ct.nii.gz", ("--mask", "nowhere.nii.gz"), ["--mask", "no such file"]),
 ])
 def test_drr_command_errors_are_one_line(cts, capsys, ct, extra, expected):
@@ -71,9 +71,9 @@ def test_drr_out_naming_a_file_is_one_line(cts, capsys):
 
 def test_build_default_bad_settings_are_one_line(tmp_path, capsys):
     assert main(["build-default", "--out", str(tmp_path / "d"), "--test-fraction", "1", "--no-progress"]) == 2
-    _one_error_line(capsys, "test_fraction must be in [0, 1)")
+    _one_error_line(capsys, "--test-fraction must be in [0, 1)")
     assert main(["build-default", "--out", str(tmp_path / "d"), "--image-size", "4", "--no-progress"]) == 2
-    _one_error_line(capsys, "image_size must be >= 8")
+    _one_error_line(capsys, "--image-size must be >= 8")
     assert not (tmp_path / "d").exists()
 
 

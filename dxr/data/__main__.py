@@ -48,8 +48,27 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# the flag behind each setting that the builders name in their errors
+_FLAGS = {"num": "--num", "nodules": "--nodules", "image_size": "--image-size", "test_fraction": "--test-fraction",
+          "hq_fov_mm": "--hq-fov-mm", "counts": "--num-lq/--num-hq", "nodule_fraction": "--nodule-fraction",
+          "max_nodules": "--max-nodules"}
+
+
 def _main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    try:
+        return _build(args)
+    except CommandError:
+        raise
+    except ValueError as err:  # name the flag the user typed, not the builder's parameter
+        text = str(err)
+        for name, flag in _FLAGS.items():
+            if text.startswith(f"{name} ") or text.startswith(f"settings.{name} "):
+                raise CommandError(flag + text[text.index(" "):]) from None
+        raise
+
+
+def _build(args) -> int:
     if args.command == "build-default":
         settings = DRRSettings(image_size=args.image_size, n_samples=args.samples, nodule_fraction=args.nodule_fraction, max_nodules=args.max_nodules)
         root = build_default(
