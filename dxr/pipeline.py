@@ -39,6 +39,8 @@ STAGES = ("data", "lq-ddpm", "lq-munit", "synth-munit", "synth-ddpm", "hq-ddpm-m
           "bicubic-ddpm", "evaluate", "enhance")
 # the DDPM-LQ degradation of the pairs: SDEdit strength (noise level) and DDIM steps
 SDEDIT = {"cpu-demo": ("0.4", "20"), "paper": ("0.4", "50")}
+# test images per set the evaluation scores by default (None: all of them)
+EVALUATED = {"cpu-demo": 32, "paper": None}
 # evaluation rows and columns: the baseline, each DiffusionXRay model with the test pairs of its own degradation
 BASELINE = "bicubic-DDPM"
 OWN_TEST_SET = {"DiffusionXRay (MUNIT-LQ pairs)": "MUNIT-LQ test pairs",
@@ -98,9 +100,12 @@ def _train(plan: Plan, stage: str, name: str, pairs: Optional[str] = None) -> Ca
 
         folder = plan.folder(name)
         data = ["--data", str(plan.dataset)] + (["--pairs", str(plan.folder(pairs) / "train")] if pairs else [])
-        argv = ["--stage", stage, "--preset", plan.preset, "--out", str(folder), *data, *_common(plan)]
-        if plan.steps is not None:
-            argv += ["--steps", str(plan.steps)]
+        from dxr.training.config import preset
+
+        steps = plan.steps if plan.steps is not None else preset(plan.preset, stage).steps
+        # one sample grid, at the end: the pipeline's own figures come from the evaluation
+        argv = ["--stage", stage, "--preset", plan.preset, "--out", str(folder), *data, *_common(plan),
+                "--steps", str(steps), "--sample-every", str(steps)]
         for assignment in plan.overrides:
             argv += ["--set", assignment]
         if _training_done(folder) is False:
@@ -177,8 +182,9 @@ def stages(plan: Plan) -> list[tuple[str, Callable[[], bool], Callable[[], None]
                 "--model", f"DiffusionXRay (MUNIT-LQ pairs)={folder('hq-ddpm-munit')}",
                 "--model", f"DiffusionXRay (DDPM-LQ pairs)={folder('hq-ddpm-ddpm')}",
                 "--drrs", str(plan.dataset / "lq" / "test"), *_common(plan)]
-        if plan.max_images:
-            argv += ["--max-images", str(plan.max_images)]
+        limit = plan.max_images or EVALUATED[plan.preset]
+        if limit:
+            argv += ["--max-images", str(limit)]
         _run_command(evaluate, argv, "evaluate")
 
     def enhance_run() -> None:
