@@ -103,9 +103,12 @@ class Restorer:
         self.batch_size, self.seed, self.progress = batch_size, seed, progress
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: PathLike, *, device=None, backend: Optional[str] = None, **settings):
-        """The restorer of a trained ``hq-ddpm`` or ``bicubic-ddpm`` run (EMA weights when kept)."""
-        net, config = load_stage_model(checkpoint, RESTORING_STAGES, device=default_device(device), backend=backend)
+    def from_checkpoint(cls, checkpoint: PathLike, *, device=None, backend: Optional[str] = None,
+                        label: Optional[str] = None, **settings):
+        """The restorer of a trained ``hq-ddpm`` or ``bicubic-ddpm`` run (EMA weights when kept); errors
+        name it as ``label`` (default ``--checkpoint <path>``)."""
+        net, config = load_stage_model(checkpoint, RESTORING_STAGES, device=default_device(device), backend=backend,
+                                       label=label)
         return cls(net, config, **settings)
 
     @property

@@ -138,13 +138,8 @@ def load_restorers(models: Mapping[str, PathLike], *, steps: int = 25, device=No
 
     restorers = {}
     for name, path in models.items():
-        if not Path(path).exists():
-            raise CommandError(f"--model {name}={path}: no such checkpoint file or run folder")
-        try:
-            restorers[name] = Restorer.from_checkpoint(path, device=device, steps=steps, seed=seed,
-                                                       batch_size=batch_size, progress=progress)
-        except CommandError as err:
-            raise CommandError(f"--model {name}: {err}") from None
+        restorers[name] = Restorer.from_checkpoint(path, device=device, steps=steps, seed=seed, batch_size=batch_size,
+                                                   progress=progress, label=f"--model {name}={path}")
     return restorers
 
 

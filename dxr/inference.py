@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from dxr.cli import CommandError
-from dxr.data.build import file_sha256
 
 PathLike = Union[str, os.PathLike]
 GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
@@ -37,24 +36,26 @@ def default_device(device: Optional[str] = None) -> torch.device:
 
 
 def load_stage_model(checkpoint: PathLike, stages: Sequence[str], *, device: torch.device,
-                     backend: Optional[str] = None):
+                     backend: Optional[str] = None, label: Optional[str] = None):
     """``(net, config)`` of the trained run at ``checkpoint`` (a file or a run folder), EMA weights when
-    kept, in eval mode. Raises CommandError when it is missing, unreadable or of another stage."""
+    kept, in eval mode. Raises CommandError when it is missing, unreadable or of another stage, naming
+    it as ``label`` (default ``--checkpoint <path>``)."""
     from dxr.training.checkpoint import load_trained
 
     path = Path(checkpoint)
+    label = label or f"--checkpoint {path}"
     if not path.exists():
-        raise CommandError(f"--checkpoint {path}: no such file or run folder")
+        raise CommandError(f"{label}: no such file or run folder")
     try:
         net, config = load_trained(path, device=device, backend=backend)
     except CommandError:
         raise
     except ValueError as err:
-        raise CommandError(f"--checkpoint {path}: {err}") from None
+        raise CommandError(f"{label}: {err}") from None
     except Exception as err:  # safetensors and torch raise their own types for a foreign or torn file
-        raise CommandError(f"--checkpoint {path}: not a readable dxr checkpoint ({type(err).__name__}: {err})") from None
+        raise CommandError(f"{label}: not a readable dxr checkpoint ({type(err).__name__}: {err})") from None
     if config.stage not in stages:
-        raise CommandError(f"--checkpoint {path} holds a {config.stage} model; this command needs "
+        raise CommandError(f"{label} holds a {config.stage} model; this command needs "
                            f"{' or '.join(stages)}")
     return net, config
 

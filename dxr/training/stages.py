@@ -140,7 +140,7 @@ def preview_images(config: TrainConfig, count: int) -> dict[str, Tensor]:
         if config.data is not None:  # real DRRs: what the model is for
             try:
                 out["drr"] = torch.stack(first(ImageFolder(_domain(Path(config.data), "lq", "test"), size)))
-            except FileNotFoundError:
+            except FileNotFoundError:  # a dataset without real test DRRs: the grid shows the pairs alone
                 pass
         return out
     root = data_root(config)
