@@ -89,7 +89,7 @@ def _training_done(folder: Path) -> Optional[bool]:
 
     if not (folder / CHECKPOINT).is_file():
         return None
-    checkpoint = read_checkpoint(folder)
+    checkpoint = read_checkpoint(folder, tensors=False)
     return checkpoint.step >= checkpoint.config.steps
 
 

@@ -301,7 +301,7 @@ def config_from_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     overrides = flags.pop("overrides", [])
     if flags.get("resume"):
         out = Path(flags.get("out") or f"runs/{flags.get('stage', 'lq-ddpm')}")
-        base = replace(read_checkpoint(out).config, out=str(out))
+        base = replace(read_checkpoint(out, tensors=False).config, out=str(out))
     else:
         cuda = torch.cuda.is_available()
         name = flags.get("preset", "paper" if cuda else "cpu-demo")

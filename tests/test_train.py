@@ -228,6 +228,9 @@ def test_torchrun_two_gloo_processes_train_and_rank0_saves_once(data, tmp_path):
     assert [r["step"] for r in _losses(tmp_path)] == [1, 2, 3]  # one writer
     checkpoint = read_checkpoint(tmp_path)
     assert checkpoint.step == 3 and checkpoint.state["data"]["world_size"] == 2
+    header = read_checkpoint(tmp_path, tensors=False)  # the header alone: no weights read
+    assert (header.step, header.state, header.config) == (3, checkpoint.state, checkpoint.config)
+    assert header.tensors == {} and checkpoint.tensors
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.safetensors", "config.json", "loss.png",
                                                           "metrics.jsonl", "samples"]
 

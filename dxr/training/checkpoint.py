@@ -129,10 +129,8 @@ class Checkpoint:
         return {k[start:]: v for k, v in self.tensors.items() if k.startswith(prefix + ".")}
 
 
-def read_checkpoint(path: PathLike) -> Checkpoint:
-    """Read a checkpoint file (or the one in a run folder). Raises FileNotFoundError when it is
-    missing and ConfigError, naming the file, when it is unreadable (empty, truncated, corrupt, another
-    format) or not a dxr training checkpoint."""
+def _open(path: PathLike, *, tensors: bool) -> tuple[Path, dict, dict]:
+    """(file, header metadata, tensors — empty unless ``tensors``) of a checkpoint file or run folder."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -146,7 +144,7 @@ def read_checkpoint(path: PathLike) -> Checkpoint:
             if metadata.get("format") != FORMAT:
                 raise ConfigError(f"{path} is not a dxr training checkpoint (format {metadata.get('format')!r}, "
                                   f"expected {FORMAT!r})")
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            loaded = {key: handle.get_tensor(key) for key in handle.keys()} if tensors else {}
     except ConfigError:
         raise
     except Exception as err:  # safetensors' own error: empty, truncated, corrupt, or another format (a pickle)
@@ -154,9 +152,18 @@ def read_checkpoint(path: PathLike) -> Checkpoint:
         raise ConfigError(f"{path} is not a readable checkpoint ({size} bytes: {' '.join(str(err).split())}); "
                           "it may be cut short by a crash or not a safetensors file: resume from another copy "
                           "or start a new run") from None
+    return path, metadata, loaded
+
+
+def read_checkpoint(path: PathLike, *, tensors: bool = True) -> Checkpoint:
+    """Read a checkpoint file (or the one in a run folder); ``tensors=False`` reads its header alone
+    (config, step and state, no weights). Raises FileNotFoundError when it is missing and ConfigError,
+    naming the file, when it is unreadable (empty, truncated, corrupt, another format) or not a dxr
+    training checkpoint."""
+    path, metadata, loaded = _open(path, tensors=tensors)
     try:
         state = json.loads(metadata["state"])
-        return Checkpoint(path, TrainConfig.from_json(metadata["config"]), int(state["step"]), state, tensors)
+        return Checkpoint(path, TrainConfig.from_json(metadata["config"]), int(state["step"]), state, loaded)
     except (KeyError, TypeError, ValueError) as err:
         raise ConfigError(f"{path}: the checkpoint's header is incomplete or of another dxr version "
                           f"({type(err).__name__}: {' '.join(str(err).split())})") from None
