@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -9,7 +11,7 @@ from dxr import ops
 from dxr.kernels import reference
 from dxr.kernels.triton import adain as kernels
 from dxr.kernels.triton.adain import AdainConfig
-from helpers import DTYPES, assert_close, randn
+from helpers import DEVICE, DTYPES, assert_close, randn
 
 EPS = 1e-5
 LAYOUTS = ("nchw", "channels_last")
@@ -234,3 +236,30 @@ def test_shape_fuzz(n, c, spatial, dtype, channels_last, path, seed):
     x, scale, shift, dy = _inputs(shape, dtype, layout, seed=seed)
     config = {"on_chip": AdainConfig(split=False, block_c=2, block_s=128), "split": SPLIT}.get(path)
     _check_launch(x, scale, shift, dy, config)
+
+
+@triton.jit
+def _offsets_table(out_ptr, c0, s0, stride_c, stride_s, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+                   CHANNELS_LAST: tl.constexpr):
+    c = c0 + tl.arange(0, BLOCK_C)
+    s = s0 + tl.arange(0, BLOCK_S)
+    offs = kernels._tile_offsets(c, s, stride_c, stride_s, CHANNELS_LAST)
+    tl.store(out_ptr + tl.arange(0, BLOCK_C)[:, None] * BLOCK_S + tl.arange(0, BLOCK_S)[None, :], offs)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_tile_offsets_are_64_bit_where_a_stride_product_passes_2_31(channels_last):
+    # x = (C, N, S) transposed to (N, C, S) is read in place with a channel stride of N·S: with C = 40,000,
+    # N = 8, S = 10,000 one sample holds 4e8 elements, but c · stride_c reaches 3.2e9 > 2³¹
+    n, c, s = 8, 40_000, 10_000
+    if channels_last:
+        stride_c, stride_s, c0, s0 = 1, n * c, 0, s - 16  # x = (S, N, C) transposed: s · N·C passes 2³¹
+    else:
+        stride_c, stride_s, c0, s0 = n * s, 1, c - 16, 0
+    out = torch.empty((16, 16), dtype=torch.int64, device=DEVICE)
+    _offsets_table[(1,)](out, c0, s0, stride_c, stride_s, BLOCK_C=16, BLOCK_S=16, CHANNELS_LAST=channels_last)
+    cs = torch.arange(c0, c0 + 16, dtype=torch.int64)[:, None]
+    ss = torch.arange(s0, s0 + 16, dtype=torch.int64)[None, :]
+    expected = cs * stride_c + ss * stride_s
+    assert expected.max() > 2**31
+    assert torch.equal(out.cpu(), expected)

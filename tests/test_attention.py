@@ -249,3 +249,21 @@ def test_self_attention_compiles_with_no_graph_break():
     (gx,) = torch.autograd.grad(out.square().sum(), x)
     assert_close(out, eager, torch.float32)
     assert_close(gx, gx_eager, torch.float32)
+
+
+def test_launch_grid_keeps_batch_heads_above_65535_on_the_x_axis():
+    # CUDA caps grid axes y and z at 65,535: every program sits on x, blocks of one slice consecutive
+    from dxr.kernels.triton.attention import launch_grid
+
+    for length, bh, block in ((1024, 70_000, 64), (77, 65_536, 32), (1, 1, 16), (4096, 2**20, 128)):
+        grid = launch_grid(length, bh, block)
+        assert len(grid) == 1 and grid[0] == -(-length // block) * bh and grid[0] <= 2**31 - 1
+    with pytest.raises(ValueError, match="more than a CUDA grid holds"):
+        launch_grid(2**20, 2**20, 16)
+
+
+def test_many_heads_run_through_the_one_axis_grid():
+    # the same code path at a size the interpreter runs: slices and blocks decoded from one program id
+    q, k, v = (randn(3, 7, length, 16, seed=seed) for seed, length in ((1, 40), (2, 33), (3, 33)))
+    out = ops.attention(q, k, v, backend="triton")
+    assert_close(out, reference.attention(q, k, v), torch.float32)

@@ -269,3 +269,48 @@ def test_invalid_arguments_raise():
         drr.render_drr(mu, (1, 1, 1), SMALL, torch.zeros(2, 2))
     with pytest.raises(ValueError, match="batch"):
         drr.render_drr(mu, (1, 1, 1), SMALL, torch.zeros(2, 3), torch.zeros(3, 3))
+
+
+def _bilinear_march(planes: torch.Tensor, rays: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    # a plain reference: at plane k, a bilinear tap at (b0 + k·db, c0 + k·dc) with zeros outside, for k in
+    # [k_min, k_max]; unlike grid_sample it has no 1 / (n - 1) normalisation, so a plane of size 1 works
+    n, n_b, n_c = planes.shape
+    b0, db, c0, dc, k_min, k_max = rays.double()
+    padded = torch.nn.functional.pad(planes.double(), (1, 1, 1, 1))
+    total = torch.zeros_like(b0)
+    for k in range(n):
+        b, c = b0 + k * db, c0 + k * dc
+        bf, cf = b.floor(), c.floor()
+        fb, fc = b - bf, c - cf
+        value = torch.zeros_like(b)
+        for ob, wb in ((0, 1 - fb), (1, fb)):
+            for oc, wc in ((0, 1 - fc), (1, fc)):
+                ib, ic = (bf + ob).long() + 1, (cf + oc).long() + 1
+                ok = (ib >= 0) & (ib < n_b + 2) & (ic >= 0) & (ic < n_c + 2)
+                tap = padded[k, ib.clamp(0, n_b + 1), ic.clamp(0, n_c + 1)]
+                value += torch.where(ok, tap, 0.0) * wb * wc
+        total += torch.where((k >= k_min) & (k <= k_max), value, 0.0)
+    return (total * step.double()).float()
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (5, 1, 7), (3, 9, 1), (4, 6, 5)])
+def test_triton_kernel_with_unit_plane_dimensions_matches_a_bilinear_reference(shape):
+    # a plane dimension of 1 is an integer argument equal to 1, which Triton would specialise into a
+    # constant; the kernel keeps them runtime values (bench/gpu_ready.py compiles these shapes for sm_90/80)
+    pytest.importorskip("triton", reason="triton is not installed")
+    from dxr.kernels.triton.drr import march_planes
+
+    gen = torch.Generator().manual_seed(11)
+    planes = torch.rand(shape, generator=gen)
+    rays_n = 37
+    n, n_b, n_c = shape
+    b0 = torch.rand(rays_n, generator=gen) * (n_b + 1) - 1
+    c0 = torch.rand(rays_n, generator=gen) * (n_c + 1) - 1
+    db, dc = (torch.rand(rays_n, generator=gen) - 0.5) * 0.6, (torch.rand(rays_n, generator=gen) - 0.5) * 0.6
+    k_min = torch.rand(rays_n, generator=gen) * 2 - 1
+    k_max = k_min + torch.rand(rays_n, generator=gen) * (n + 1)
+    rays = torch.stack([b0, db, c0, dc, k_min, k_max])
+    step = torch.rand(rays_n, generator=gen) + 0.5
+    expected = _bilinear_march(planes, rays, step)
+    assert expected.abs().sum() > 0
+    assert_close(march_planes(planes, rays, step), expected, dtype=torch.float32)

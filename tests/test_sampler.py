@@ -310,3 +310,26 @@ def test_opcheck_triton_ops():
                           (x, m, t, ac, "eps", None, "small", None, 17, "triton"))
     torch.library.opcheck(torch.ops.dxr.ddim_step.default, (x, m, t, t_prev, ac, 0.0, "eps", 1.0, None, 0, "triton"))
     torch.library.opcheck(torch.ops.dxr.ddim_step.default, (x, m, t, t_prev, ac, 0.8, "v", None, None, 5, "triton"))
+
+
+@triton.jit
+def _sincos_table(u_ptr, sin_ptr, cos_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    s, c = sampler._sincos_turns(tl.load(u_ptr + offs, mask=mask, other=0.0))
+    tl.store(sin_ptr + offs, s, mask=mask)
+    tl.store(cos_ptr + offs, c, mask=mask)
+
+
+def test_in_kernel_sine_and_cosine_stay_within_their_error_bound():
+    # every float32 u that Philox's uniform conversion can give lies in [0, 1); the polynomial's error is
+    # bounded by its first omitted Taylor term (3.2e-7), plus float32 rounding; a wrong quadrant swap or
+    # sign would be off by up to 2
+    gen = torch.Generator().manual_seed(5)
+    u = torch.cat([torch.rand(1 << 16, generator=gen), torch.linspace(0, 1, 4097)[:-1],
+                   torch.tensor([0.125, 0.375, 0.625, 0.875, 0.25 - 2**-26, 1 - 2**-24])]).to(DEVICE)
+    sin, cos = torch.empty_like(u), torch.empty_like(u)
+    _sincos_table[(triton.cdiv(u.numel(), 4096),)](u, sin, cos, u.numel(), BLOCK=4096)
+    angle = 2 * math.pi * u.double().cpu()
+    assert (sin.double().cpu() - angle.sin()).abs().max().item() < 5e-7
+    assert (cos.double().cpu() - angle.cos()).abs().max().item() < 5e-7

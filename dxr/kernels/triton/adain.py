@@ -20,7 +20,6 @@ mean keep their variance. The launch functions pick the path and block sizes fro
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -28,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from dxr.kernels.triton import common
 
 # elements of one (BLOCK_C, BLOCK_S) tile kept on chip: the forward holds x, the backward x and dy
 _ON_CHIP_FWD = 16384
@@ -41,12 +42,8 @@ _CL_BLOCK_C = 64
 # the combine kernel holds a (BLOCK_C, splits) tile of partials
 _PARTIALS_TILE = 4096
 _MAX_SPLITS = 512
-# per-sample offsets are 32-bit
+# one sample holds fewer elements than this (its offsets are computed in 64 bits all the same)
 _MAX_SAMPLE = 2**31 - 1
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _keep_plausible_warps(configs, named_args, **kwargs):
@@ -59,12 +56,11 @@ def _keep_plausible_warps(configs, named_args, **kwargs):
 
 def _tuned(kernel):
     """num_warps autotuned per tile shape and layout on a GPU; one config under the interpreter."""
-    if _interpreting():
+    if common.interpreting():
         configs = [triton.Config({}, num_warps=4)]
     else:
         configs = [triton.Config({}, num_warps=w) for w in (2, 4, 8, 16)]
-    return triton.autotune(configs, key=["BLOCK_C", "BLOCK_S", "CHANNELS_LAST"],
-                           prune_configs_by={"early_config_prune": _keep_plausible_warps})(kernel)
+    return common.autotune(configs, ["BLOCK_C", "BLOCK_S", "CHANNELS_LAST"], _keep_plausible_warps)(kernel)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -83,7 +79,12 @@ def _row_block(C, BLOCK_C: tl.constexpr):
 
 @triton.jit
 def _tile_offsets(c, s, stride_c, stride_s, CHANNELS_LAST: tl.constexpr):
-    """Offsets of the (channels c, positions s) tile inside one sample."""
+    """Offsets (int64) of the (channels c, positions s) tile inside one sample.
+
+    64-bit because a layout read in place need not keep N outermost: x = (C, N, S) transposed has a
+    channel stride of N·S, so c · stride_c can pass 2³¹ while one sample holds fewer elements."""
+    c = c.to(tl.int64)
+    s = s.to(tl.int64)
     # the unit stride is a literal, so the compiler sees which axis is contiguous and vectorises it
     if CHANNELS_LAST:
         offs = c[:, None] + s[None, :] * stride_s
@@ -98,7 +99,7 @@ def _row_pivot(x_ptr, c, c_ok, stride_c, CHANNELS_LAST: tl.constexpr):
     if CHANNELS_LAST:
         offs = c
     else:
-        offs = c * stride_c
+        offs = c.to(tl.int64) * stride_c
     return tl.load(x_ptr + offs, mask=c_ok, other=0.0).to(tl.float32)
 
 

@@ -33,23 +33,22 @@ The interpreter runs one configuration.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from dxr.kernels.triton import common
+
 MAX_HEAD_DIM = 256
 # offsets inside one (batch, head) slice are 32-bit
 _MAX_SLICE = 2**31 - 1
+# programs on grid axis x
+_MAX_PROGRAMS = 2**31 - 1
 _LN2 = math.log(2.0)
 # the interpreter's cost is programs × operations: few, large blocks, but still several per test shape
 _INTERPRETER_BLOCK = 32
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _block_d(head_dim: int) -> int:
@@ -67,7 +66,7 @@ def _configs(row_block: str, loop_block: str):
     Two families, told apart by their row block: tiles of 64 or 128 rows for float16/bfloat16 on tensor
     cores, and tiles of 16 or 32 rows for float32, whose IEEE products run on the FMA units with the
     operands in registers (compiled for sm_90, float32 tiles of 64 rows spill hundreds of bytes)."""
-    if _interpreting():
+    if common.interpreting():
         return [triton.Config({row_block: _INTERPRETER_BLOCK, loop_block: _INTERPRETER_BLOCK}, num_warps=4)]
     tensor_core = [
         triton.Config({row_block: rows, loop_block: step}, num_warps=warps, num_stages=stages)
@@ -117,11 +116,8 @@ def _prune(row_block: str, loop_block: str, accumulators: int, operands: int):
 
 
 def _tuned(row_block: str, loop_block: str, accumulators: int, operands: int):
-    return triton.autotune(
-        _configs(row_block, loop_block),
-        key=["Lq", "Lk", "HEAD_DIM"],
-        prune_configs_by={"early_config_prune": _prune(row_block, loop_block, accumulators, operands)},
-    )
+    return common.autotune(_configs(row_block, loop_block), ["Lq", "Lk", "HEAD_DIM"],
+                           _prune(row_block, loop_block, accumulators, operands))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -168,6 +164,15 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _program(L, BLOCK: tl.constexpr):
+    """(row block, batch · head) of this program on the 1-D grid of :func:`launch_grid`: the blocks of one
+    (batch, head) slice are consecutive programs, so they run side by side and share its tiles in L2."""
+    pid = tl.program_id(0)
+    blocks = tl.cdiv(L, BLOCK)
+    return pid % blocks, pid // blocks
+
+
+@triton.jit
 def _slice_base(ptr, bh, H, stride_b, stride_h):
     """Pointer to the (batch, head) slice ``bh`` = batch · H + head; 64-bit so large batches do not wrap."""
     b = bh // H
@@ -209,7 +214,7 @@ def _attention_fwd_kernel(
     stride_kb, stride_kh, stride_kl, stride_kd,  # k strides
     stride_vb, stride_vh, stride_vl, stride_vd,  # v strides
     stride_ob, stride_oh, stride_ol, stride_od,  # o strides
-    H,  # heads: program_id(1) = batch · H + head
+    H,  # heads: a program's slice is batch · H + head
     Lq,  # query length
     Lk,  # key length, at least 1
     qk_scale,  # softmax scale · log2(e): scores in base 2
@@ -220,8 +225,8 @@ def _attention_fwd_kernel(
     UPCAST: tl.constexpr,  # convert loaded tiles to float32 (bfloat16 under the interpreter)
     IEEE: tl.constexpr,  # float32 operands: exact products, not TF32
 ):
-    bh = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    block, bh = _program(Lq, BLOCK_M)
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     q_base = _slice_base(q_ptr, bh, H, stride_qb, stride_qh)
@@ -266,14 +271,14 @@ def _attention_bwd_delta_kernel(
     delta_ptr,  # float32 (B, H, Lq) contiguous out: rowsum(dO · O)
     stride_ob, stride_oh, stride_ol, stride_od,  # o strides (batch, head, position, channel)
     stride_dob, stride_doh, stride_dol, stride_dod,  # dO strides
-    H,  # heads: program_id(1) = batch · H + head
+    H,  # heads: a program's slice is batch · H + head
     Lq,  # query length
     HEAD_DIM: tl.constexpr,  # D
     BLOCK_D: tl.constexpr,  # power of two ≥ D, at least 16
     BLOCK_M: tl.constexpr,  # rows per program
 ):
-    bh = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    block, bh = _program(Lq, BLOCK_M)
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     o_base = _slice_base(o_ptr, bh, H, stride_ob, stride_oh)
     do_base = _slice_base(do_ptr, bh, H, stride_dob, stride_doh)
@@ -324,7 +329,7 @@ def _attention_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dol, stride_dod,  # dO strides
     stride_dkb, stride_dkh, stride_dkl, stride_dkd,  # dk strides
     stride_dvb, stride_dvh, stride_dvl, stride_dvd,  # dv strides
-    H,  # heads: program_id(1) = batch · H + head
+    H,  # heads: a program's slice is batch · H + head
     Lq,  # query length
     Lk,  # key length
     sm_scale,  # softmax scale
@@ -336,8 +341,8 @@ def _attention_bwd_dkdv_kernel(
     UPCAST: tl.constexpr,  # convert loaded tiles to float32 (bfloat16 under the interpreter)
     IEEE: tl.constexpr,  # float32 operands: exact products, not TF32
 ):
-    bh = tl.program_id(1)
-    keys = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    block, bh = _program(Lk, BLOCK_N)
+    keys = block * BLOCK_N + tl.arange(0, BLOCK_N)
     rows0 = tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     q_base = _slice_base(q_ptr, bh, H, stride_qb, stride_qh)
@@ -403,7 +408,7 @@ def _attention_bwd_dq_kernel(
     stride_vb, stride_vh, stride_vl, stride_vd,  # v strides
     stride_dob, stride_doh, stride_dol, stride_dod,  # dO strides
     stride_dqb, stride_dqh, stride_dql, stride_dqd,  # dq strides
-    H,  # heads: program_id(1) = batch · H + head
+    H,  # heads: a program's slice is batch · H + head
     Lq,  # query length
     Lk,  # key length, at least 1
     sm_scale,  # softmax scale
@@ -415,8 +420,8 @@ def _attention_bwd_dq_kernel(
     UPCAST: tl.constexpr,  # convert loaded tiles to float32 (bfloat16 under the interpreter)
     IEEE: tl.constexpr,  # float32 operands: exact products, not TF32
 ):
-    bh = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    block, bh = _program(Lq, BLOCK_M)
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     q_base = _slice_base(q_ptr, bh, H, stride_qb, stride_qh)
@@ -478,8 +483,20 @@ def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
             raise ValueError(f"{name}: one (batch, head) slice spans {span} elements, more than 32-bit offsets hold")
 
 
+def launch_grid(length: int, batch_heads: int, block: int) -> tuple[int]:
+    """The 1-D grid of ``cdiv(length, block)`` row blocks for each of ``batch_heads`` slices.
+
+    One axis because CUDA caps grid axes y and z at 65,535 while x takes 2³¹ - 1 programs: B·H of a
+    large batch of heads would not fit on y. Raises ValueError beyond that."""
+    programs = triton.cdiv(length, block) * batch_heads
+    if programs > _MAX_PROGRAMS:
+        raise ValueError(f"attention needs {programs} programs ({batch_heads} batch·heads × "
+                         f"{triton.cdiv(length, block)} blocks of {block}), more than a CUDA grid holds ({_MAX_PROGRAMS})")
+    return (programs,)
+
+
 def _upcast(dtype: torch.dtype) -> bool:
-    return dtype == torch.bfloat16 and _interpreting()
+    return dtype == torch.bfloat16 and common.interpreting()
 
 
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
@@ -501,7 +518,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor
         return o, lse
 
     def grid(meta):
-        return triton.cdiv(lq, meta["BLOCK_M"]), b * h
+        return launch_grid(lq, b * h, meta["BLOCK_M"])
 
     _attention_fwd[grid](
         q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
@@ -534,7 +551,7 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: T
     lse = lse.contiguous()
     block_d, upcast, ieee = _block_d(d), _upcast(q.dtype), q.dtype == torch.float32
     delta = torch.empty_like(lse)
-    _attention_bwd_delta_kernel[(triton.cdiv(lq, _DELTA_BLOCK), b * h)](
+    _attention_bwd_delta_kernel[launch_grid(lq, b * h, _DELTA_BLOCK)](
         o, do, delta, *o.stride(), *do.stride(), h, lq,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=_DELTA_BLOCK,
     )
@@ -542,10 +559,10 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: T
     qk_scale = scale / _LN2
 
     def key_grid(meta):
-        return triton.cdiv(lk, meta["BLOCK_N"]), b * h
+        return launch_grid(lk, b * h, meta["BLOCK_N"])
 
     def query_grid(meta):
-        return triton.cdiv(lq, meta["BLOCK_M"]), b * h
+        return launch_grid(lq, b * h, meta["BLOCK_M"])
 
     _attention_bwd_dkdv[key_grid](
         q, k, v, do, lse, delta, dk, dv, *strides, *dk.stride(), *dv.stride(),
@@ -560,4 +577,4 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: T
     return dq, dk, dv
 
 
-__all__ = ["attention_fwd", "attention_bwd", "MAX_HEAD_DIM"]
+__all__ = ["attention_fwd", "attention_bwd", "launch_grid", "MAX_HEAD_DIM"]

@@ -7,17 +7,17 @@ may be float32, float16 or bfloat16; they are loaded and converted to float32 at
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from dxr.kernels.triton import common
+
 _MAX_RAYS = 1 << 28
 
-if _INTERPRET:
+if common.interpreting():
     _CONFIGS = [triton.Config({"BLOCK": 256}, num_warps=4)]
 else:
     _CONFIGS = [
@@ -28,8 +28,9 @@ else:
     ]
 
 
-@triton.autotune(configs=_CONFIGS, key=["n_planes", "n_b", "n_c"])
-@triton.jit
+@common.autotune(_CONFIGS, ["n_planes", "n_b", "n_c"])
+# a plane dimension of 1 would be specialised to a constant, which has no .to(): keep them runtime ints
+@triton.jit(do_not_specialize=["n_b", "n_c"])
 def drr_march_kernel(
     planes_ptr,  # (n_planes, n_b, n_c) contiguous attenuation planes, 1/mm
     rays_ptr,  # (6, n_rays) float32 rows: b0, db, c0, dc, k_min, k_max

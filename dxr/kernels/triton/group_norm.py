@@ -42,7 +42,6 @@ the first call; the interpreter runs one configuration.
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -50,7 +49,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from dxr.kernels.triton import common
+
 # offsets inside one sample are 32-bit
 _MAX_SAMPLE = 2**31 - 1
 # largest group tile (elements, powers of two) kept in registers: the backward holds more tiles live
@@ -112,7 +112,7 @@ def choose_plan(n: int, c: int, s: int, groups: int, *, backward: bool = False,
 
 def _configs():
     # several configurations cannot be benchmarked under the interpreter ("0 active drivers")
-    if _INTERPRET:
+    if common.interpreting():
         return [triton.Config({}, num_warps=4)]
     return [triton.Config({}, num_warps=warps) for warps in (4, 8, 16)]
 
@@ -214,7 +214,7 @@ def _tile_program(G, CPG, S, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
 # forward kernels
 
 
-@triton.autotune(configs=_configs(), key=_KEY)
+@common.autotune(_configs(), _KEY)
 @triton.jit
 def _fwd_onchip_kernel(
     x_ptr,  # input, (N, C, S) through the strides below
@@ -257,7 +257,7 @@ def _fwd_onchip_kernel(
     tl.store(rstd_ptr + pid, rstd)
 
 
-@triton.autotune(configs=_configs(), key=_KEY + ["SPLITS", "TILES"])
+@common.autotune(_configs(), _KEY + ["SPLITS", "TILES"])
 @triton.jit
 def _fwd_partial_kernel(
     x_ptr,  # input, (N, C, S) through the strides below
@@ -304,7 +304,7 @@ def _fwd_partial_kernel(
     tl.store(out + 2, m2)
 
 
-@triton.autotune(configs=_configs(), key=_KEY + ["P"])
+@common.autotune(_configs(), _KEY + ["P"])
 @triton.jit
 def _fwd_apply_kernel(
     x_ptr,  # input, (N, C, S) through the strides below
@@ -360,7 +360,7 @@ def _fwd_apply_kernel(
 # backward kernels
 
 
-@triton.autotune(configs=_configs(), key=_KEY)
+@common.autotune(_configs(), _KEY)
 @triton.jit
 def _bwd_onchip_kernel(
     dy_ptr,  # output gradient, x's strides
@@ -409,7 +409,7 @@ def _bwd_onchip_kernel(
     tl.store(dx_ptr + base + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_configs(), key=_KEY + ["SPLITS", "TILES"])
+@common.autotune(_configs(), _KEY + ["SPLITS", "TILES"])
 @triton.jit
 def _bwd_partial_kernel(
     dy_ptr,  # output gradient, x's strides
@@ -462,7 +462,7 @@ def _bwd_partial_kernel(
     tl.store(out + 1, tl.sum(w * dw, axis=0))
 
 
-@triton.autotune(configs=_configs(), key=_KEY + ["P"])
+@common.autotune(_configs(), _KEY + ["P"])
 @triton.jit
 def _bwd_apply_kernel(
     dy_ptr,  # output gradient, x's strides
