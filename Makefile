@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo bench gpu-check clean
+.PHONY: install test demo bench gpu-ready cuda-ready gpu-check clean
 
 $(STAMP): pyproject.toml setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,17 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pytest bench --benchmark-only
+
+# no GPU needed: every Triton kernel compiled for sm_90 and sm_80 through its launch code, every
+# configuration the autotuner can pick, ptxas' registers/spills/shared memory; the table goes to
+# bench/results/gpu-ready.{md,json} (about 45 minutes on two cores); exit 1 on any fault
+gpu-ready: $(STAMP)
+	$(PY) bench/gpu_ready.py
+
+# no GPU needed: the CUDA extension built for sm_80 and sm_90a with ptxas -v; exit 1 on a spill or on
+# shared memory over the architecture's limit
+cuda-ready: $(STAMP)
+	$(PY) bench/cuda_ready.py
 
 # on a GPU machine whose image already has torch, triton, nvcc and cmake (no internet there)
 gpu-check:

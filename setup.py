@@ -3,7 +3,9 @@
 The extension is a standalone pybind11 module built by CMake from ``csrc/`` (it takes raw device
 pointers and never links PyTorch, so one build serves every torch version). ``DXR_BUILD_CUDA``:
 ``auto`` (default) builds it when nvcc and ``CMakeLists.txt`` are present and warns on failure,
-``1`` requires it (GPU machines), ``0`` skips it.
+``1`` requires it (GPU machines), ``0`` skips it. ``DXR_CUDA_ARCHS`` sets the CMake architectures
+(default ``80-real;89-real;90a-real;80-virtual``); ``DXR_PTXAS_VERBOSE=1`` prints ptxas' register and spill
+report of every kernel.
 """
 
 import os
@@ -48,7 +50,16 @@ class CMakeBuild(build_ext):
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DCMAKE_CUDA_ARCHITECTURES={archs}",
             "-DCMAKE_BUILD_TYPE=Release",
+            f"-DDXR_PTXAS_VERBOSE={'ON' if os.environ.get('DXR_PTXAS_VERBOSE') == '1' else 'OFF'}",
         ]
+        if shutil.which("ninja"):
+            configure += ["-G", "Ninja"]
+        try:  # the pybind11 of this (possibly isolated) build environment
+            import pybind11
+
+            configure.append(f"-Dpybind11_DIR={pybind11.get_cmake_dir()}")
+        except ImportError:
+            pass
         subprocess.run(configure, check=True)
         jobs = str(os.cpu_count() or 2)
         subprocess.run(["cmake", "--build", str(build_dir), "--parallel", jobs], check=True)
