@@ -444,16 +444,20 @@ def _bwd_partial_kernel(
     rstd = tl.load(rstd_ptr + n * G + g)
     chan, c_mask = _channels(g, c0, CPG, BLOCK_C)
     w, b = _channel_params(w_ptr, b_ptr, chan, c_mask, HAS_W, HAS_B)
-    dw = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    db = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    # tiles summed elementwise in the loop and reduced once after it: a reduction inside the loop makes
+    # Triton 3.6's sm_90 pipeline fail (TritonGPUOptimizeThreadLocality) for narrow float32 tiles
+    dw_tile = tl.zeros((BLOCK_C, BLOCK_S), dtype=tl.float32)
+    db_tile = tl.zeros((BLOCK_C, BLOCK_S), dtype=tl.float32)
     for t in range(0, TILES):
         offs, mask = _offsets(chan, c_mask, first + t * BLOCK_S, S, stride_c, stride_s, BLOCK_S)
         x = _load_f32(x_ptr + base, offs, mask)
         dy = _load_f32(dy_ptr + base, offs, mask)
         xhat = tl.where(mask, (x - mean) * rstd, 0.0)
         dz = _grad_pre(dy, xhat, w, b, SILU)
-        dw += tl.sum(dz * xhat, axis=1)
-        db += tl.sum(dz, axis=1)
+        dw_tile += dz * xhat
+        db_tile += dz
+    dw = tl.sum(dw_tile, axis=1)
+    db = tl.sum(db_tile, axis=1)
     row = n * SPLITS + sp
     tl.store(dw_ptr + row * C + chan, dw, mask=c_mask)
     tl.store(db_ptr + row * C + chan, db, mask=c_mask)
