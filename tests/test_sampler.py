@@ -3,6 +3,7 @@ reference, and the statistics and layout of their in-kernel Philox noise."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import triton
@@ -333,3 +334,36 @@ def test_in_kernel_sine_and_cosine_stay_within_their_error_bound():
     angle = 2 * math.pi * u.double().cpu()
     assert (sin.double().cpu() - angle.sin()).abs().max().item() < 5e-7
     assert (cos.double().cpu() - angle.cos()).abs().max().item() < 5e-7
+
+
+@triton.jit
+def _float64_table(a_ptr, recip_ptr, sqrt_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    a = tl.load(a_ptr + offs, mask=mask, other=1.0)
+    tl.store(recip_ptr + offs, sampler._recip64(a), mask=mask)
+    tl.store(sqrt_ptr + offs, sampler._sqrt64(a), mask=mask)
+
+
+def test_float64_reciprocal_and_square_root_are_within_one_ulp():
+    # the multiply-add forms the kernels use for float64 schedules, over the whole positive normal range
+    # (a bad seed constant or too few Newton steps is off by many ulps at some exponent)
+    gen = torch.Generator().manual_seed(6)
+    a = torch.cat([torch.logspace(-300, 300, 20001, dtype=torch.float64),
+                   torch.rand(4096, generator=gen, dtype=torch.float64),
+                   1 - torch.rand(4096, generator=gen, dtype=torch.float64) * 1e-12,
+                   torch.tensor([1.0, 0.5, 2.0, 1e-4, 0.9999, 2.0**-1022], dtype=torch.float64)]).to(DEVICE)
+    recip, root = torch.empty_like(a), torch.empty_like(a)
+    _float64_table[(triton.cdiv(a.numel(), 4096),)](a, recip, root, a.numel(), BLOCK=4096)
+    a, recip, root = a.cpu(), recip.cpu(), root.cpu()
+
+    def ulps(got, want):
+        return ((got - want).abs() / torch.from_numpy(np.spacing(want.abs().numpy()))).max().item()
+
+    assert ulps(recip, 1 / a) <= 1.0
+    assert ulps(root, a.sqrt()) <= 1.0
+    zero = torch.zeros(1, dtype=torch.float64, device=DEVICE)
+    inf, root_of_zero = torch.zeros_like(zero), torch.ones_like(zero)
+    with np.errstate(over="ignore", invalid="ignore"):  # the Newton steps of 1/0 overflow on the way to inf
+        _float64_table[(1,)](zero, inf, root_of_zero, 1, BLOCK=16)
+    assert root_of_zero.item() == 0.0 and inf.item() == math.inf
