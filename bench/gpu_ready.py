@@ -265,6 +265,8 @@ def _has_real_driver() -> bool:
 # the cases: the project's launch functions at benchmark shapes and edge sizes
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# cases a launch function declines on this architecture (no spill-free tile), noted by the cases
+NOT_SERVED: list[str] = []
 Case = tuple  # (op, label, thunk, quick)
 
 
@@ -363,8 +365,15 @@ def _attention_cases() -> Iterator[Case]:
                 q = torch.empty((b, h, lq, d), dtype=dtype)
                 k = torch.empty((b, h, lk, d), dtype=dtype)
                 v = torch.empty_like(k)
+                # where no tile is free of spills the kernel is not used (dxr.ops runs SDPA): say so
+                for backward in (False, True):
+                    if not attn.serves(d, q.element_size(), backward):
+                        NOT_SERVED.append(f"attention {'backward' if backward else 'forward'} D{d} {_dt(dtype)}")
+                if not attn.serves(d, q.element_size(), False):
+                    return
                 o, lse = attn.attention_fwd(q, k, v, d ** -0.5)
-                attn.attention_bwd(torch.empty_like(o), q, k, v, o, lse, d ** -0.5)
+                if attn.serves(d, q.element_size(), True):
+                    attn.attention_bwd(torch.empty_like(o), q, k, v, o, lse, d ** -0.5)
 
             yield "attention", f"B{b} H{h} Lq{lq} Lk{lk} D{d} {_dt(dtype)}", thunk, quick and dtype != torch.float16
 
@@ -426,7 +435,7 @@ def check_arch(arch: Arch, ops: list[str], quick: bool, cases_file: Optional[Pat
         row["faults"] = entry.faults(arch)
         rows.append(row)
     return {"arch": arch.name, "seconds": round(time.perf_counter() - started, 1), "kernels": rows,
-            "case_errors": recorder.case_errors}
+            "case_errors": recorder.case_errors, "not_served": sorted(set(NOT_SERVED))}
 
 
 def _markdown(report: dict) -> str:
@@ -449,6 +458,9 @@ def _markdown(report: dict) -> str:
         for r in failing:
             lines.append(f"- {r['kernel']} ({r['arch']}, {r['config']}, {r['signature']}): {'; '.join(r['faults'])} "
                          f"— in {r['cases'][0]}")
+    if any(report.get("not_served", {}).values()):
+        lines += ["", "## Not served by the Triton kernels (no spill-free tile; dxr.ops runs PyTorch there)", ""]
+        lines += [f"- {arch}: {', '.join(cases)}" for arch, cases in report["not_served"].items() if cases]
     if report["case_errors"]:
         lines += ["", "## Cases that raised", ""]
         lines += [f"- {arch}: {label}: {err}" for arch, label, err in report["case_errors"]]
@@ -516,8 +528,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     failing = [r for r in kernels if r["faults"]]
     summary = (f"{len(kernels)} compiled variants over {', '.join(archs)} in {time.perf_counter() - started:.0f} s: "
                f"{len(failing)} failing, {len(case_errors)} cases raised")
+    not_served = {res["arch"]: res.get("not_served", []) for res in results}
     report = {"date": datetime.date.today().isoformat(), "triton": triton.__version__, "quick": args.quick,
-              "archs": archs, "summary": summary, "kernels": kernels, "case_errors": case_errors}
+              "archs": archs, "summary": summary, "kernels": kernels, "case_errors": case_errors,
+              "not_served": not_served}
     for (kernel, arch), rows in sorted(_by_kernel(report).items()):
         bad = [r for r in rows if r["faults"]]
         regs = max((r["registers"] or 0) for r in rows)
@@ -528,6 +542,9 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"[{r['cases'][0]}]")
     for arch, label, err in case_errors:
         print(f"FAIL case {label} ({arch}): {err}")
+    for arch, cases in not_served.items():
+        if cases:
+            print(f"not served on {arch} (no spill-free tile; dxr.ops falls back): {', '.join(cases)}")
     print(summary)
     if not args.no_write and args.cases is None:
         args.out.mkdir(parents=True, exist_ok=True)

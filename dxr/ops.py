@@ -123,13 +123,17 @@ def _cuda_extension():
     return cuda
 
 
+def _requested(backend: Optional[str]) -> str:
+    return (backend if backend is not None else os.environ.get("DXR_BACKEND", "auto")).lower()
+
+
 def resolve_backend(backend: Optional[str], op: str, *tensors: Tensor) -> str:
     """The backend that runs ``op`` on these tensors: "torch", "triton" or "cuda".
 
     Raises ValueError for an unknown name and RuntimeError when an explicitly requested backend
     cannot run here. float64 and empty inputs always resolve to "torch".
     """
-    requested = (backend if backend is not None else os.environ.get("DXR_BACKEND", "auto")).lower()
+    requested = _requested(backend)
     if requested not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
     lead = tensors[0]
@@ -354,11 +358,20 @@ _attention_fwd.register_autograd(_attention_grad, setup_context=_attention_setup
 MAX_HEAD_DIM = 256
 
 
+@torch._dynamo.assume_constant_result
+def _attention_served(backend: str, head_dim: int, element_size: int, backward: bool) -> bool:
+    # a property of the GPU, head dim and dtype: evaluated once while torch.compile traces
+    return _kernels(backend, "attention").attention_supports(head_dim, element_size, backward)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, *,
               backend: Optional[str] = None) -> Tensor:
     """``softmax(q @ kᵀ · scale) @ v``: q (B, H, Lq, D), k and v (B, H, Lk, D); no mask, non-causal.
 
-    ``scale`` defaults to D^-½. Lq may differ from Lk; D ≤ 256. Softmax statistics are float32.
+    ``scale`` defaults to D^-½. Lq may differ from Lk; D ≤ 256. Softmax statistics are float32. On a GPU
+    where the kernel backend has no spill-free tile for the head dim and dtype (see
+    ``dxr.kernels.triton.attention``), "auto" runs PyTorch's ``scaled_dot_product_attention`` and an
+    explicitly requested kernel backend raises RuntimeError.
     """
     for name, value in (("q", q), ("k", k), ("v", v)):
         _require_tensor(name, value)
@@ -378,6 +391,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, *,
     chosen = resolve_backend(backend, "attention", q)
     if chosen == "torch":
         return reference.attention(q, k, v, scale)
+    backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if not _attention_served(chosen, d, q.element_size(), backward):
+        # no spill-free kernel tile for this head dim and dtype on this GPU (dxr.kernels.triton.attention_tiles)
+        if _requested(backend) != "auto":
+            raise RuntimeError(f"backend={chosen!r} does not run attention with head dim {d} in {q.dtype} on this "
+                               f"GPU{' with a backward' if backward else ''}; use backend='auto' or 'torch'")
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
     return _attention_fwd(q, k, v, scale, chosen)[0]
 
 

@@ -267,3 +267,80 @@ def test_many_heads_run_through_the_one_axis_grid():
     q, k, v = (randn(3, 7, length, 16, seed=seed) for seed, length in ((1, 40), (2, 33), (3, 33)))
     out = ops.attention(q, k, v, backend="triton")
     assert_close(out, reference.attention(q, k, v), torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# tiles for the hardware: the pruning, the cases without a spill-free tile, and the fallback
+
+
+def test_tile_table_covers_every_kernel_dtype_and_width():
+    from dxr.kernels.triton import attention_tiles
+
+    for kernel in attention_tiles.KERNELS:
+        for capability in (80, 86, 90, 100):
+            for element_size in (2, 4):
+                for block_d in (16, 32, 64, 128, 256):
+                    for rows, step, warps, stages in attention_tiles.spill_free(kernel, capability, element_size,
+                                                                                block_d):
+                        # half precision on tensor-core tiles of 64+ rows, float32 on small FMA tiles
+                        assert (rows >= 64) == (element_size == 2) and step <= rows
+                        assert warps in (4, 8) and stages in (2, 3, 4)
+    with pytest.raises(ValueError, match="kernel"):
+        attention_tiles.spill_free("backward", 90, 2, 64)
+    with pytest.raises(ValueError, match="BLOCK_D"):
+        attention_tiles.spill_free("dq", 90, 2, 48)
+
+
+def test_served_cases_follow_the_tile_table(monkeypatch):
+    monkeypatch.setattr(triton_attention.common, "interpreting", lambda: False)
+    serves = triton_attention.serves
+    # measured: every half-precision case on sm_90 but the D=256 backward; float32 backward only to D=64
+    assert serves(64, 2, True, capability=90) and serves(128, 2, True, capability=90)
+    assert serves(256, 2, False, capability=90) and not serves(256, 2, True, capability=90)
+    assert serves(100, 4, False, capability=90) and not serves(100, 4, True, capability=90)
+    assert not serves(256, 4, False, capability=90)
+    assert not serves(256, 2, False, capability=80) and not serves(128, 2, True, capability=80)
+    assert serves(40, 2, True, capability=80)
+
+
+@pytest.mark.parametrize("capability", [80, 86, 90])
+@pytest.mark.parametrize("kernel, rows, step", [("forward", "BLOCK_M", "BLOCK_N"), ("dkdv", "BLOCK_N", "BLOCK_M"),
+                                                ("dq", "BLOCK_M", "BLOCK_N")])
+def test_pruning_keeps_only_spill_free_tiles_that_fit_shared_memory(monkeypatch, capability, kernel, rows, step):
+    from dxr.kernels.triton import attention_tiles
+
+    monkeypatch.setattr(triton_attention.common, "interpreting", lambda: False)
+    monkeypatch.setattr(triton_attention, "target_capability", lambda: capability)
+    configs = triton_attention._configs(rows, step)
+    prune = triton_attention._prune(kernel, rows, step)
+    operands = {"forward": 1, "dkdv": 2, "dq": 2}[kernel]
+    for dtype, block_d in ((torch.bfloat16, 64), (torch.float16, 32), (torch.float32, 32), (torch.float32, 64)):
+        elem = torch.empty((), dtype=dtype).element_size()
+        table = attention_tiles.spill_free(kernel, capability, elem, block_d)
+        kept = prune(configs, {"BLOCK_D": block_d, "q_ptr": torch.empty(1, dtype=dtype)})
+        assert kept
+        for cfg in kept:
+            tile = (cfg.kwargs[rows], cfg.kwargs[step], cfg.num_warps, cfg.num_stages)
+            assert tile in table
+            shared = (2 * tile[1] * block_d * tile[3] + operands * tile[0] * block_d) * elem
+            assert shared <= triton_attention.shared_limit(capability)
+    # a case with no spill-free tile is refused rather than compiled with spills
+    with pytest.raises(RuntimeError, match="no tile compiles without spills"):
+        prune(configs, {"BLOCK_D": 256, "q_ptr": torch.empty(1, dtype=torch.float32)})
+
+
+def test_smaller_shared_memory_parts_drop_the_deep_pipelines():
+    # sm_86/sm_89 give a block 99 KB: the 4-stage 128-row D=128 forward tiles of sm_80 (163 KB) do not fit
+    assert triton_attention.shared_limit(86) < triton_attention.shared_limit(80) < triton_attention.shared_limit(90)
+    a100 = triton_attention._kept_tiles("forward", 80, 2, 128)
+    rtx = triton_attention._kept_tiles("forward", 86, 2, 128)
+    assert rtx < a100
+
+
+def test_unserved_attention_falls_back_to_sdpa_or_names_the_backend(monkeypatch):
+    q, k, v = (randn(1, 2, 9, 16) for _ in range(3))
+    monkeypatch.setattr(triton_attention, "attention_supports", lambda head_dim, element_size, backward: False)
+    with pytest.raises(RuntimeError, match="backend='triton' does not run attention with head dim 16"):
+        ops.attention(q, k, v, backend="triton")
+    monkeypatch.setattr(ops, "resolve_backend", lambda backend, op, *tensors: "triton")
+    assert_close(ops.attention(q, k, v), reference.attention(q, k, v))

@@ -395,6 +395,16 @@ def _attention_operand(t: Tensor, pad: int) -> Tensor:
     return t.contiguous()
 
 
+def attention_supports(head_dim: int, element_size: int, backward: bool) -> bool:
+    """Whether this backend runs attention at ``head_dim`` on inputs of ``element_size`` bytes (the backward
+    too when ``backward``): the CUDA forward serves float16/bfloat16 with D ≤ 128; the rest is the Triton
+    kernel's (``dxr.kernels.triton.attention.attention_supports``)."""
+    native_forward = element_size == 2 and head_dim <= _MAX_CUDA_HEAD_DIM
+    triton_attention = _triton("attention")
+    return ((native_forward or triton_attention.attention_supports(head_dim, element_size, False))
+            and (not backward or triton_attention.attention_supports(head_dim, element_size, True)))
+
+
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """Attention forward: as ``dxr.kernels.triton.attention.attention_fwd``.
 
@@ -443,4 +453,5 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: T
 
 
 __all__ = ["extension", "supports", "group_norm_silu_fwd", "group_norm_silu_bwd", "adain_fwd", "adain_bwd",
-           "q_sample", "ddpm_step", "ddim_step", "attention_fwd", "attention_bwd"]
+           "q_sample", "ddpm_step", "ddim_step", "attention_fwd", "attention_bwd",
+           "attention_supports"]

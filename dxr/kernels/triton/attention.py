@@ -25,21 +25,27 @@ rounding of O (about eps(dtype)·|dO|·|O|·scale·|k|) where an eager backward 
 Under Triton's interpreter, whose bfloat16 products are wrong, bfloat16 tiles are converted to float32
 right after loading.
 
-On a GPU, block sizes, warps and pipeline stages are autotuned per (Lq, Lk, head dim, dtype): pipelined
-tensor-core tiles that fit the registers and shared memory for float16/bfloat16, small tiles for float32.
-The interpreter runs one configuration.
+On a GPU, block sizes, warps and pipeline stages are autotuned per (Lq, Lk, head dim, dtype) among the
+tiles that compile without register spills for that kernel, dtype, head dim and architecture
+(``attention_tiles``, measured with ptxas) and fit the part's shared memory: pipelined tensor-core tiles
+for float16/bfloat16, small FMA tiles for float32. Where no tile is spill-free (float32: the forward
+beyond D = 128 and the backward beyond D = 64; half precision: the backward beyond D = 128, and on
+sm_80-sm_89 the forward beyond D = 128 and the backward beyond D = 64) :func:`serves` says no, the launch functions raise, and ``dxr.ops.attention``
+runs PyTorch's ``scaled_dot_product_attention`` instead. The interpreter runs one configuration and
+serves every case.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from dxr.kernels.triton import common
+from dxr.kernels.triton import attention_tiles, common
 
 MAX_HEAD_DIM = 256
 # offsets inside one (batch, head) slice are 32-bit
@@ -85,39 +91,75 @@ def _configs(row_block: str, loop_block: str):
     return tensor_core + fma
 
 
-def _prune(row_block: str, loop_block: str, accumulators: int, operands: int):
-    """An ``early_config_prune``: the family of the input dtype, and tiles that fit registers and shared memory.
+# dynamic shared memory one block may opt into, by compute capability (bytes); parts not listed get
+# the smallest of them
+_SHARED_LIMIT = {80: 166_912, 86: 101_376, 87: 166_912, 89: 101_376, 90: 232_448, 100: 232_448, 103: 232_448,
+                 120: 101_376}
 
-    ``accumulators`` counts the (rows × BLOCK_D) float32 tiles a program accumulates across its loop (the
-    forward's output, the backward's dk and dv or dq); ``operands`` the (rows × BLOCK_D) input tiles it
-    keeps (q; k and v; q and dO)."""
+
+def shared_limit(capability: int) -> int:
+    """The shared memory (bytes) one block may use on a GPU of compute capability ``capability`` (90 = 9.0)."""
+    return _SHARED_LIMIT.get(capability, min(_SHARED_LIMIT.values()))
+
+
+def target_capability() -> int:
+    """The compute capability Triton compiles for now (90 for an H100), from its active driver."""
+    return int(triton.runtime.driver.active.get_current_target().arch)
+
+
+def serves(head_dim: int, element_size: int, backward: bool, capability: Optional[int] = None) -> bool:
+    """Whether these kernels run attention at ``head_dim`` for inputs of ``element_size`` bytes (2 for
+    float16/bfloat16, 4 for float32) on a GPU of ``capability`` (default: the current target), the
+    backward too when ``backward``: every kernel needed has a tile that compiles without spills
+    (``attention_tiles``). Under the interpreter every case is served."""
+    if common.interpreting():
+        return True
+    capability = target_capability() if capability is None else capability
+    block_d = _block_d(head_dim)
+    needed = ("forward", "dkdv", "dq") if backward else ("forward",)
+    return all(_kept_tiles(kernel, capability, element_size, block_d) for kernel in needed)
+
+
+def _shared_bytes(rows: int, step: int, stages: int, block_d: int, operands: int, element_size: int) -> int:
+    # two streamed (step × BLOCK_D) tiles per pipeline stage, plus the kept operand tiles
+    return (2 * step * block_d * stages + operands * rows * block_d) * element_size
+
+
+_OPERANDS = {"forward": 1, "dkdv": 2, "dq": 2}
+
+
+def _kept_tiles(kernel: str, capability: int, element_size: int, block_d: int) -> frozenset:
+    """The spill-free tiles of ``kernel`` whose shared memory fits the part (estimated for parts the table
+    was not compiled for, such as sm_86 and sm_89 with 99 KB)."""
+    limit = shared_limit(capability)
+    return frozenset(tile for tile in attention_tiles.spill_free(kernel, capability, element_size, block_d)
+                     if _shared_bytes(tile[0], tile[1], tile[3], block_d, _OPERANDS[kernel], element_size) <= limit)
+
+
+def _prune(kernel: str, row_block: str, loop_block: str):
+    """An ``early_config_prune``: the candidates that compile without spills for the input dtype, head dim
+    and target (``attention_tiles``) and fit its shared memory. Raises RuntimeError when none does (the
+    launch functions check :func:`serves` first)."""
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        block_d = args["BLOCK_D"]
-        elem = args["q_ptr"].element_size()
-        if elem == 4:
-            return [cfg for cfg in configs if cfg.kwargs[row_block] < 64]
-        kept = []
-        for cfg in configs:
-            rows, step = cfg.kwargs[row_block], cfg.kwargs[loop_block]
-            if rows < 64:
-                continue
-            # float32 values per thread: accumulators plus the (rows × step) score tile
-            registers = (accumulators * rows * block_d + rows * step) // (32 * cfg.num_warps)
-            # two streamed (step × BLOCK_D) tiles per pipeline stage, plus the kept operand tiles
-            shared = (2 * step * block_d * cfg.num_stages + operands * rows * block_d) * elem
-            if registers <= 160 and shared <= 200 * 1024:
-                kept.append(cfg)
-        return kept or [min((cfg for cfg in configs if cfg.kwargs[row_block] >= 64),
-                            key=lambda c: (c.kwargs[row_block] * c.kwargs[loop_block], c.num_stages))]
+        block_d, elem = args["BLOCK_D"], args["q_ptr"].element_size()
+        capability = target_capability()
+        tiles = _kept_tiles(kernel, capability, elem, block_d)
+        kept = [cfg for cfg in configs
+                if (cfg.kwargs[row_block], cfg.kwargs[loop_block], cfg.num_warps, cfg.num_stages) in tiles]
+        if not kept:
+            raise RuntimeError(f"attention {kernel}: no tile compiles without spills for BLOCK_D={block_d}, "
+                               f"{elem}-byte inputs on compute capability {capability}")
+        return kept
 
     return prune
 
 
-def _tuned(row_block: str, loop_block: str, accumulators: int, operands: int):
-    return common.autotune(_configs(row_block, loop_block), ["Lq", "Lk", "HEAD_DIM"],
-                           _prune(row_block, loop_block, accumulators, operands))
+def _tuned(kernel: str, row_block: str, loop_block: str):
+    configs = _configs(row_block, loop_block)
+    prune = None if common.interpreting() else _prune(kernel, row_block, loop_block)
+    return common.autotune(configs, ["Lq", "Lk", "HEAD_DIM"], prune)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -257,7 +299,7 @@ def _attention_fwd_kernel(
     tl.store(lse_ptr + bh.to(tl.int64) * Lq + rows, lse, mask=rows < Lq)
 
 
-_attention_fwd = _tuned("BLOCK_M", "BLOCK_N", accumulators=1, operands=1)(_attention_fwd_kernel)
+_attention_fwd = _tuned("forward", "BLOCK_M", "BLOCK_N")(_attention_fwd_kernel)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -455,8 +497,8 @@ def _attention_bwd_dq_kernel(
 
 
 # the dk/dv pass accumulates dk and dv over kept k and v; the dq pass dq over kept q and dO
-_attention_bwd_dkdv = _tuned("BLOCK_N", "BLOCK_M", accumulators=2, operands=2)(_attention_bwd_dkdv_kernel)
-_attention_bwd_dq = _tuned("BLOCK_M", "BLOCK_N", accumulators=1, operands=2)(_attention_bwd_dq_kernel)
+_attention_bwd_dkdv = _tuned("dkdv", "BLOCK_N", "BLOCK_M")(_attention_bwd_dkdv_kernel)
+_attention_bwd_dq = _tuned("dq", "BLOCK_M", "BLOCK_N")(_attention_bwd_dq_kernel)
 # rows per program of the delta preprocess: one (64, BLOCK_D) tile of O and dO
 _DELTA_BLOCK = 64
 
@@ -495,6 +537,19 @@ def launch_grid(length: int, batch_heads: int, block: int) -> tuple[int]:
     return (programs,)
 
 
+def attention_supports(head_dim: int, element_size: int, backward: bool) -> bool:
+    """:func:`serves` on the current GPU (the backend interface ``dxr.ops`` calls)."""
+    return serves(head_dim, element_size, backward)
+
+
+def _require_served(d: int, q: Tensor, backward: bool) -> None:
+    if not serves(d, q.element_size(), backward):
+        raise RuntimeError(
+            f"the Triton attention {'backward' if backward else 'forward'} has no spill-free tile for head dim {d} "
+            f"in {q.dtype} on compute capability {target_capability()} (see dxr.kernels.triton.attention_tiles); "
+            "dxr.ops.attention runs PyTorch's scaled_dot_product_attention there")
+
+
 def _upcast(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and common.interpreting()
 
@@ -516,6 +571,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor
         return o.zero_(), lse.fill_(float("-inf"))
     if o.numel() == 0:
         return o, lse
+    _require_served(d, q, backward=False)
 
     def grid(meta):
         return launch_grid(lq, b * h, meta["BLOCK_M"])
@@ -548,6 +604,7 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: T
         return dq.zero_(), dk.zero_(), dv.zero_()
     if q.numel() == 0:
         return dq, dk, dv
+    _require_served(d, q, backward=True)
     lse = lse.contiguous()
     block_d, upcast, ieee = _block_d(d), _upcast(q.dtype), q.dtype == torch.float32
     delta = torch.empty_like(lse)
@@ -577,4 +634,4 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: T
     return dq, dk, dv
 
 
-__all__ = ["attention_fwd", "attention_bwd", "launch_grid", "MAX_HEAD_DIM"]
+__all__ = ["attention_fwd", "attention_bwd", "launch_grid", "serves", "attention_supports", "MAX_HEAD_DIM"]
