@@ -290,7 +290,8 @@ def time_case(case: wl.Case, dtype: torch.dtype, device: torch.device, selected:
         for backend in (b for b in wl.backends(case.op) if b in selected and (case.op, b) not in missing):
             row = {"op": case.op, "case": str(case), "shape": list(case.shape), "channels_last": case.channels_last,
                    "dtype": str(dtype).removeprefix("torch."), "mode": mode, "backend": backend,
-                   "bytes": wl.traffic_bytes(case, dtype, mode), "flops": wl.flops(case, mode)}
+                   "bytes": wl.traffic_bytes(case, dtype, mode), "flops": wl.flops(case, mode),
+                   "planned_bytes": wl.planned_bytes(case, dtype, mode, device) if backend == "triton" else None}
             with _nvtx(f"{case.op} {case} {mode} {backend}", device):
                 try:
                     fn = wl.runner(case, backend, mode, inputs)
@@ -316,6 +317,9 @@ def derive(rows: list, peak: dict) -> None:
         t = r.get("ms")
         r["gbps"] = r["bytes"] / t / 1e6 if t and r["bytes"] else None
         r["tflops"] = r["flops"] / t / 1e9 if t and r["flops"] else None
+        planned = r.get("planned_bytes")
+        # the share of the copy bandwidth at the traffic the chosen plan really moves (split paths: two reads)
+        r["pct_peak_planned"] = 100 * planned / t / 1e6 / peak["copy_gbps"] if t and planned else None
         if r["gbps"] is not None:
             r["pct_peak"] = 100 * r["gbps"] / peak["copy_gbps"]
         elif r["tflops"] is not None:
@@ -403,11 +407,13 @@ def markdown(result: dict) -> str:
         if result["missing"] else ["All ran."]
     lines += ["", f"## Timings (median ms, {result['timing_dtype']})", "",
               "GB/s counts the minimal traffic; % peak is of the copy bandwidth (GB/s) or the matmul peak "
-              "(TFLOP/s) above; × columns are speedups of this row over that backend.", ""]
-    lines += _table(["op", "case", "mode", "backend", "ms", "GB/s", "TFLOP/s", "% peak", "× eager", "× compile",
-                     "× SDPA flash", "peak MiB"],
+              "(TFLOP/s) above; % planned is of the copy bandwidth at the traffic the Triton plan moves (its "
+              "split paths read x twice); × columns are speedups of this row over that backend.", ""]
+    lines += _table(["op", "case", "mode", "backend", "ms", "GB/s", "TFLOP/s", "% peak", "% planned", "× eager",
+                     "× compile", "× SDPA flash", "peak MiB"],
                     [[r["op"], r["case"], r["mode"], r["backend"], _fmt(r.get("ms"), 4) if "ms" in r else r["error"],
                       _fmt(r.get("gbps"), 1), _fmt(r.get("tflops"), 1), _fmt(r.get("pct_peak"), 1),
+                      _fmt(r.get("pct_peak_planned"), 1),
                       _fmt(r.get("x_eager")), _fmt(r.get("x_compile")), _fmt(r.get("x_sdpa_flash")),
                       _fmt(r.get("peak_mib"), 1)] for r in result["timings"]])
     lines += ["", "## Performance goals (measured, not asserted)", ""]

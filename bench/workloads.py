@@ -340,6 +340,40 @@ def traffic_bytes(case: Case, dtype: torch.dtype, mode: str) -> Optional[int]:
     return 3 * n * e
 
 
+def planned_bytes(case: Case, dtype: torch.dtype, mode: str, device) -> Optional[int]:
+    """Bytes the Triton kernels move for ``case`` on ``device`` with the plan their launch code picks, counted from the
+    code as if nothing were served from L2 (None for attention).
+
+    The norms' on-chip paths move the minimum (:func:`traffic_bytes`); their split paths read x (and dy)
+    a second time: forward 3 tensor passes instead of 2, backward 5 instead of 3. The steps draw their
+    noise in-kernel, so they move the minimum. Set beside a measured time, this says how much of the gap
+    to the copy bandwidth is the plan's second read (which L2 may serve) and how much the kernel's.
+    """
+    if case.op == "attention":
+        return None
+    minimal = traffic_bytes(case, dtype, mode)
+    if case.op not in ("group_norm_silu", "adain"):
+        return minimal
+    from dxr.kernels.triton import adain as adain_kernels
+    from dxr.kernels.triton import group_norm as group_norm_kernels
+
+    e = torch.empty((), dtype=dtype).element_size()
+    n_, c = case.shape[0], case.shape[1]
+    s, n = math.prod(case.shape[2:]), math.prod(case.shape)
+
+    device = torch.device(device)
+
+    def split(backward: bool) -> bool:
+        if case.op == "group_norm_silu":
+            plan = group_norm_kernels.choose_plan(n_, c, s, case.kwargs["num_groups"], backward=backward, device=device)
+            return not plan.onchip
+        return adain_kernels.choose_config(n_, c, s, case.channels_last, device, backward=backward).split
+
+    extra = {FWD: split(False) * n * e, BWD: split(True) * 2 * n * e}
+    extra[FWD_BWD] = extra[FWD] + extra[BWD]
+    return minimal + extra[mode]
+
+
 def flops(case: Case, mode: str) -> Optional[int]:
     """Floating-point operations of attention: 4·B·H·Lq·Lk·D forward, 2.5× that backward (None otherwise)."""
     if case.op != "attention":

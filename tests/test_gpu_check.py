@@ -150,3 +150,21 @@ def test_every_op_has_cases_for_every_run(gpu_check):
         # the quick GPU run is a subset of the full one
         full = {c.shape for c in workloads.cases(op, "cuda")}
         assert {c.shape for c in workloads.cases(op, "cuda", quick=True)} <= full
+
+
+def test_planned_traffic_counts_the_split_paths_second_read(gpu_check):
+    wl = gpu_check.wl
+    gpu = torch.device("cpu")
+    batch1 = wl.Case("group_norm_silu", (1, 320, 64, 64), options=(("num_groups", 32),))
+    e, n, params = 2, 320 * 64 * 64, 320
+    # batch 1 with 10 channels per group of 4096 positions takes the split path both ways (H100 plan)
+    assert wl.planned_bytes(batch1, torch.bfloat16, wl.FWD, gpu) == (3 * n + 2 * params) * e
+    assert wl.planned_bytes(batch1, torch.bfloat16, wl.BWD, gpu) == (5 * n + 4 * params) * e
+    assert wl.planned_bytes(batch1, torch.bfloat16, wl.FWD_BWD, gpu) == (8 * n + 6 * params) * e
+    # a group that fits on chip moves the minimum, as do the steps with in-kernel noise
+    small = wl.Case("group_norm_silu", (16, 64, 16, 16), options=(("num_groups", 32),))
+    for mode in (wl.FWD, wl.BWD):
+        assert wl.planned_bytes(small, torch.float32, mode, gpu) == wl.traffic_bytes(small, torch.float32, mode)
+    step = wl.Case("ddpm_step", (16, 3, 64, 64))
+    assert wl.planned_bytes(step, torch.bfloat16, wl.FWD, gpu) == wl.traffic_bytes(step, torch.bfloat16, wl.FWD)
+    assert wl.planned_bytes(wl.Case("attention", (1, 2, 40, 72, 32)), torch.bfloat16, wl.FWD, gpu) is None
