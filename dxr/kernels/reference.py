@@ -95,45 +95,51 @@ def _gaussian(like, noise, seed):
 
 def ddpm_step(x_t, model_out, t, alphas_cumprod, *, prediction="eps", clip_x0=None,
               variance="small", noise=None, seed=None):
-    """One ancestral DDPM step x_t → x_{t-1} (Ho et al. 2020, eq. 6–7).
+    """One ancestral DDPM step x_t → x_{t-1} (Ho et al. 2020, eq. 6–7 and Algorithm 2).
 
     ᾱ_{t-1} is 1 at t = 0, where no noise is added. ``variance`` "small" is the posterior
     variance β̃_t = β_t(1-ᾱ_{t-1})/(1-ᾱ_t), "large" is β_t. ``noise`` (the z of the step) wins over
     ``seed``; with neither, a seed is drawn from torch's default generator.
     """
-    nd = x_t.dim()
-    xf, mf = _acc(x_t), _acc(model_out)
-    ab = _per_sample(alphas_cumprod, t, nd)
-    ab_prev = torch.where(t > 0, _acc(alphas_cumprod)[(t - 1).clamp(min=0)], 1.0).reshape(ab.shape)
-    beta = 1 - ab / ab_prev
-    x0 = predict_x0(xf, mf, ab, prediction)
+    x_t32 = _acc(x_t)
+    alpha_bar = _per_sample(alphas_cumprod, t, x_t.dim())
+    alpha_bar_prev = torch.where(t > 0, _acc(alphas_cumprod)[(t - 1).clamp(min=0)], 1.0).reshape(alpha_bar.shape)
+    beta = 1 - alpha_bar / alpha_bar_prev  # β_t = 1 - α_t, α_t = ᾱ_t / ᾱ_{t-1}
+    x0 = predict_x0(x_t32, _acc(model_out), alpha_bar, prediction)
     if clip_x0 is not None:
         x0 = x0.clamp(-clip_x0, clip_x0)
-    mean = (beta * ab_prev.sqrt() / (1 - ab)) * x0 + ((1 - ab_prev) * (1 - beta).sqrt() / (1 - ab)) * xf
-    var = beta * (1 - ab_prev) / (1 - ab) if variance == "small" else beta
+    # eq. 7: μ̃_t = √ᾱ_{t-1}·β_t/(1-ᾱ_t)·x0 + √α_t·(1-ᾱ_{t-1})/(1-ᾱ_t)·x_t
+    coef_x0 = beta * alpha_bar_prev.sqrt() / (1 - alpha_bar)
+    coef_xt = (1 - alpha_bar_prev) * (1 - beta).sqrt() / (1 - alpha_bar)
+    mean = coef_x0 * x0 + coef_xt * x_t32
+    # eq. 7: β̃_t = (1-ᾱ_{t-1})/(1-ᾱ_t)·β_t ("small"), or σ_t² = β_t ("large", §3.2)
+    variance_t = beta * (1 - alpha_bar_prev) / (1 - alpha_bar) if variance == "small" else beta
     z = _gaussian(x_t, noise, seed)
-    nonzero = (t > 0).to(ab.dtype).reshape(ab.shape)
-    return (mean + nonzero * var.sqrt() * z).to(x_t.dtype)
+    # Algorithm 2: x_{t-1} = μ̃_t + σ_t·z, with z = 0 at t = 0
+    nonzero = (t > 0).to(alpha_bar.dtype).reshape(alpha_bar.shape)
+    return (mean + nonzero * variance_t.sqrt() * z).to(x_t.dtype)
 
 
 def ddim_step(x_t, model_out, t, t_prev, alphas_cumprod, *, eta=0.0, prediction="eps", clip_x0=None,
               noise=None, seed=None):
-    """One DDIM step x_t → x_{t_prev} (Song et al. 2021, eq. 12); ``t_prev < 0`` means ᾱ_prev = 1.
+    """One DDIM step x_t → x_{t_prev} (Song et al. 2021, eq. 12 and 16); ``t_prev < 0`` means ᾱ_prev = 1.
 
     When x0 is clamped, eps is recomputed from the clamped x0 so the step stays on its trajectory.
     """
-    nd = x_t.dim()
-    xf, mf = _acc(x_t), _acc(model_out)
-    ab = _per_sample(alphas_cumprod, t, nd)
-    ab_prev = torch.where(t_prev >= 0, _acc(alphas_cumprod)[t_prev.clamp(min=0)], 1.0).reshape(ab.shape)
-    x0 = predict_x0(xf, mf, ab, prediction)
-    eps = predict_eps(xf, mf, ab, prediction)
+    x_t32, model_out32 = _acc(x_t), _acc(model_out)
+    alpha_bar = _per_sample(alphas_cumprod, t, x_t.dim())
+    alpha_bar_prev = torch.where(t_prev >= 0, _acc(alphas_cumprod)[t_prev.clamp(min=0)], 1.0).reshape(alpha_bar.shape)
+    x0 = predict_x0(x_t32, model_out32, alpha_bar, prediction)
+    eps = predict_eps(x_t32, model_out32, alpha_bar, prediction)
     if clip_x0 is not None:
         x0 = x0.clamp(-clip_x0, clip_x0)
-        eps = (xf - ab.sqrt() * x0) / (1 - ab).sqrt()
-    sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).clamp(min=0).sqrt()
-    direction = (1 - ab_prev - sigma**2).clamp(min=0).sqrt() * eps
-    out = ab_prev.sqrt() * x0 + direction
+        eps = (x_t32 - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
+    # eq. 16: σ_t(η) = η·√((1-ᾱ_prev)/(1-ᾱ_t))·√(1-ᾱ_t/ᾱ_prev)
+    sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).clamp(min=0).sqrt()
+    # eq. 12: x_prev = √ᾱ_prev·x0 ("predicted x0") + √(1-ᾱ_prev-σ_t²)·eps ("direction to x_t") + σ_t·z
+    predicted_x0 = alpha_bar_prev.sqrt() * x0
+    direction = (1 - alpha_bar_prev - sigma**2).clamp(min=0).sqrt() * eps
+    out = predicted_x0 + direction
     if eta != 0:
         out = out + sigma * _gaussian(x_t, noise, seed)
     return out.to(x_t.dtype)

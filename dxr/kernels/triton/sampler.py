@@ -206,12 +206,12 @@ def _q_sample_kernel(
     BLOCK: tl.constexpr,  # elements per program
 ):
     n, base, local, mask, _ = _chunk(S, BLOCK)
-    ab = _alpha_bar(acp_ptr, acp_stride, tl.load(t_ptr + n * t_stride))
-    c_x0 = _sqrt(ab).to(tl.float32)
-    c_noise = _sqrt(1.0 - ab).to(tl.float32)
+    alpha_bar = _alpha_bar(acp_ptr, acp_stride, tl.load(t_ptr + n * t_stride))
+    coef_x0 = _sqrt(alpha_bar).to(tl.float32)
+    coef_noise = _sqrt(1.0 - alpha_bar).to(tl.float32)
     x0 = _load_f32(x0_ptr + base, local, mask)
     noise = _load_f32(noise_ptr + base, local, mask)
-    out = c_x0 * x0 + c_noise * noise
+    out = coef_x0 * x0 + coef_noise * noise
     tl.store(out_ptr + base + local, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -237,26 +237,29 @@ def _ddpm_step_kernel(
 ):
     n, base, local, mask, counter0 = _chunk(S, BLOCK)
     t = tl.load(t_ptr + n * t_stride)
-    ab = _alpha_bar(acp_ptr, acp_stride, t)
-    ab_prev = tl.where(t > 0, _alpha_bar(acp_ptr, acp_stride, tl.maximum(t - 1, 0)), 1.0)
-    beta = 1.0 - _div(ab, ab_prev)
-    sqrt_ab = _sqrt(ab)
-    sqrt_1m_ab = _sqrt(1.0 - ab)
-    inv_sqrt_ab = _div(1.0, sqrt_ab)
-    c_x0 = _div(beta * _sqrt(ab_prev), 1.0 - ab)
-    c_xt = _div((1.0 - ab_prev) * _sqrt(1.0 - beta), 1.0 - ab)
+    alpha_bar = _alpha_bar(acp_ptr, acp_stride, t)
+    alpha_bar_prev = tl.where(t > 0, _alpha_bar(acp_ptr, acp_stride, tl.maximum(t - 1, 0)), 1.0)
+    beta = 1.0 - _div(alpha_bar, alpha_bar_prev)  # β_t = 1 - α_t, α_t = ᾱ_t / ᾱ_{t-1}
+    sqrt_alpha_bar = _sqrt(alpha_bar)
+    sqrt_1m_alpha_bar = _sqrt(1.0 - alpha_bar)
+    inv_sqrt_alpha_bar = _div(1.0, sqrt_alpha_bar)
+    # Ho et al. eq. 7: μ̃_t = √ᾱ_{t-1}·β_t/(1-ᾱ_t)·x0 + √α_t·(1-ᾱ_{t-1})/(1-ᾱ_t)·x_t
+    coef_x0 = _div(beta * _sqrt(alpha_bar_prev), 1.0 - alpha_bar)
+    coef_xt = _div((1.0 - alpha_bar_prev) * _sqrt(1.0 - beta), 1.0 - alpha_bar)
+    # eq. 7: β̃_t = (1-ᾱ_{t-1})/(1-ᾱ_t)·β_t, or β_t for the "large" variance
     if LARGE_VAR:
-        var = beta
+        variance_t = beta
     else:
-        var = _div(beta * (1.0 - ab_prev), 1.0 - ab)
-    sigma = tl.where(t > 0, _sqrt(var), 0.0).to(tl.float32)
+        variance_t = _div(beta * (1.0 - alpha_bar_prev), 1.0 - alpha_bar)
+    sigma = tl.where(t > 0, _sqrt(variance_t), 0.0).to(tl.float32)
 
     x = _load_f32(x_ptr + base, local, mask)
     m = _load_f32(model_ptr + base, local, mask)
-    x0 = _predict_x0(x, m, sqrt_ab.to(tl.float32), sqrt_1m_ab.to(tl.float32), inv_sqrt_ab.to(tl.float32), PRED_V)
+    x0 = _predict_x0(x, m, sqrt_alpha_bar.to(tl.float32), sqrt_1m_alpha_bar.to(tl.float32),
+                     inv_sqrt_alpha_bar.to(tl.float32), PRED_V)
     if CLIP:
         x0 = tl.clamp(x0, -clip, clip)
-    mean = c_x0.to(tl.float32) * x0 + c_xt.to(tl.float32) * x
+    mean = coef_x0.to(tl.float32) * x0 + coef_xt.to(tl.float32) * x
     if DRAW_NOISE:
         z = _gaussian(seed, counter0, BLOCK // 4)
     else:
@@ -291,29 +294,32 @@ def _ddim_step_kernel(
     n, base, local, mask, counter0 = _chunk(S, BLOCK)
     t = tl.load(t_ptr + n * t_stride)
     t_prev = tl.load(t_prev_ptr + n * t_prev_stride)
-    ab = _alpha_bar(acp_ptr, acp_stride, t)
-    ab_prev = tl.where(t_prev >= 0, _alpha_bar(acp_ptr, acp_stride, tl.maximum(t_prev, 0)), 1.0)
-    sqrt_ab = _sqrt(ab)
-    sqrt_1m_ab = _sqrt(1.0 - ab)
-    inv_sqrt_ab = _div(1.0, sqrt_ab)
-    sigma = eta * _sqrt(tl.maximum(_div(1.0 - ab_prev, 1.0 - ab) * (1.0 - _div(ab, ab_prev)), 0.0))
-    c_eps = _sqrt(tl.maximum(1.0 - ab_prev - sigma * sigma, 0.0))
-    c_x0 = _sqrt(ab_prev)
+    alpha_bar = _alpha_bar(acp_ptr, acp_stride, t)
+    alpha_bar_prev = tl.where(t_prev >= 0, _alpha_bar(acp_ptr, acp_stride, tl.maximum(t_prev, 0)), 1.0)
+    sqrt_alpha_bar = _sqrt(alpha_bar)
+    sqrt_1m_alpha_bar = _sqrt(1.0 - alpha_bar)
+    inv_sqrt_alpha_bar = _div(1.0, sqrt_alpha_bar)
+    # Song et al. eq. 16: σ_t(η) = η·√((1-ᾱ_prev)/(1-ᾱ_t))·√(1-ᾱ_t/ᾱ_prev)
+    sigma = eta * _sqrt(tl.maximum(_div(1.0 - alpha_bar_prev, 1.0 - alpha_bar)
+                                   * (1.0 - _div(alpha_bar, alpha_bar_prev)), 0.0))
+    # eq. 12: x_prev = √ᾱ_prev·x0 + √(1-ᾱ_prev-σ_t²)·eps + σ_t·z
+    coef_eps = _sqrt(tl.maximum(1.0 - alpha_bar_prev - sigma * sigma, 0.0))
+    coef_x0 = _sqrt(alpha_bar_prev)
 
     x = _load_f32(x_ptr + base, local, mask)
     m = _load_f32(model_ptr + base, local, mask)
-    sqrt_ab32 = sqrt_ab.to(tl.float32)
-    sqrt_1m_ab32 = sqrt_1m_ab.to(tl.float32)
-    x0 = _predict_x0(x, m, sqrt_ab32, sqrt_1m_ab32, inv_sqrt_ab.to(tl.float32), PRED_V)
+    sqrt_alpha_bar32 = sqrt_alpha_bar.to(tl.float32)
+    sqrt_1m_alpha_bar32 = sqrt_1m_alpha_bar.to(tl.float32)
+    x0 = _predict_x0(x, m, sqrt_alpha_bar32, sqrt_1m_alpha_bar32, inv_sqrt_alpha_bar.to(tl.float32), PRED_V)
     if CLIP:
         x0 = tl.clamp(x0, -clip, clip)
         # eps recomputed from the clamped x0 keeps the step on the trajectory through it
-        eps = (x - sqrt_ab32 * x0) * _div(1.0, sqrt_1m_ab).to(tl.float32)
+        eps = (x - sqrt_alpha_bar32 * x0) * _div(1.0, sqrt_1m_alpha_bar).to(tl.float32)
     elif PRED_V:
-        eps = sqrt_1m_ab32 * x + sqrt_ab32 * m
+        eps = sqrt_1m_alpha_bar32 * x + sqrt_alpha_bar32 * m
     else:
         eps = m
-    out = c_x0.to(tl.float32) * x0 + c_eps.to(tl.float32) * eps
+    out = coef_x0.to(tl.float32) * x0 + coef_eps.to(tl.float32) * eps
     if ADD_NOISE:
         if DRAW_NOISE:
             z = _gaussian(seed, counter0, BLOCK // 4)
