@@ -117,6 +117,7 @@ class Compiled:
     spill_loads: int = 0
     stack: int = 0
     shared: int = 0
+    instructions: Optional[int] = None  # SASS instructions in the cubin (cuobjdump)
     error: Optional[str] = None
     grid_error: Optional[str] = None
     cases: list = dataclasses.field(default_factory=list)
@@ -156,16 +157,29 @@ def ptxas_path() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
+_SASS_LINE = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", re.MULTILINE)
+
+
+def count_sass(listing: str) -> int:
+    """Instructions in a ``cuobjdump -sass`` listing (one ``/*offset*/ OPCODE ...`` line each)."""
+    return len(_SASS_LINE.findall(listing))
+
+
 def run_ptxas(ptx: str, arch: Arch) -> dict:
-    """``ptxas -v`` on one kernel's PTX for ``arch``; raises RuntimeError with its output when it fails."""
+    """``ptxas -v`` on one kernel's PTX for ``arch``, and the SASS instruction count of the result;
+    raises RuntimeError with ptxas' output when it fails."""
     with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "kernel.ptx"
+        src, cubin = Path(tmp) / "kernel.ptx", Path(tmp) / "k.cubin"
         src.write_text(ptx)
-        proc = subprocess.run([ptxas_path(), "-v", f"--gpu-name={arch.ptxas_name}", "-o", str(Path(tmp) / "k.cubin"),
-                               str(src)], capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"ptxas failed: {(proc.stderr or proc.stdout).strip()[-400:]}")
-    return parse_ptxas(proc.stdout + proc.stderr)
+        proc = subprocess.run([ptxas_path(), "-v", f"--gpu-name={arch.ptxas_name}", "-o", str(cubin), str(src)],
+                              capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"ptxas failed: {(proc.stderr or proc.stdout).strip()[-400:]}")
+        result = parse_ptxas(proc.stdout + proc.stderr)
+        sass = subprocess.run([str(Path(ptxas_path()).with_name("cuobjdump")), "-sass", str(cubin)],
+                              capture_output=True, text=True)
+        result["instructions"] = count_sass(sass.stdout) if sass.returncode == 0 else None
+    return result
 
 
 def _config_text(kwargs: dict) -> str:
@@ -438,6 +452,37 @@ def check_arch(arch: Arch, ops: list[str], quick: bool, cases_file: Optional[Pat
             "case_errors": recorder.case_errors, "not_served": sorted(set(NOT_SERVED))}
 
 
+_STEP_KERNELS = ("_q_sample_kernel", "_ddpm_step_kernel", "_ddim_step_kernel")
+
+
+def instructions_per_element(row: dict) -> Optional[float]:
+    """SASS instructions per element of a sampler step variant: the kernels are straight-line code, so a
+    thread runs each instruction once for its BLOCK / (32 · num_warps) elements. None for other kernels."""
+    if row["kernel"] not in _STEP_KERNELS or not row.get("instructions"):
+        return None
+    config = dict(item.split("=") for item in row["config"].split())
+    return row["instructions"] / (int(config["BLOCK"]) / (32 * int(config["num_warps"])))
+
+
+def _step_costs(report: dict) -> list[str]:
+    groups: dict = {}
+    for r in report["kernels"]:
+        per_element = instructions_per_element(r)
+        if per_element is not None:
+            noise = "DRAW_NOISE=True" in r["config"]
+            groups.setdefault((r["kernel"], r["arch"], noise), []).append(per_element)
+    if not groups:
+        return []
+    lines = ["", "## Sampler steps: SASS instructions per element", "",
+             "Counted in the compiled code (straight-line kernels), over the variants: the in-kernel noise "
+             "(Philox and Box-Muller) against a noise tensor read from memory.", "",
+             "| kernel | arch | noise | instructions per element (min – max) |", "|---|---|---|---|"]
+    for (kernel, arch, noise), values in sorted(groups.items()):
+        lines.append(f"| {kernel} | {arch} | {'in-kernel' if noise else 'tensor'} | "
+                     f"{min(values):.1f} – {max(values):.1f} |")
+    return lines
+
+
 def _markdown(report: dict) -> str:
     lines = [f"# Triton kernels compiled for the hardware ({report['date']})", "",
              f"Triton {report['triton']}, ptxas from Triton; {'quick subset' if report['quick'] else 'every case'}; "
@@ -458,6 +503,7 @@ def _markdown(report: dict) -> str:
         for r in failing:
             lines.append(f"- {r['kernel']} ({r['arch']}, {r['config']}, {r['signature']}): {'; '.join(r['faults'])} "
                          f"— in {r['cases'][0]}")
+    lines += _step_costs(report)
     if any(report.get("not_served", {}).values()):
         lines += ["", "## Not served by the Triton kernels (no spill-free tile; dxr.ops runs PyTorch there)", ""]
         lines += [f"- {arch}: {', '.join(cases)}" for arch, cases in report["not_served"].items() if cases]
@@ -465,11 +511,12 @@ def _markdown(report: dict) -> str:
         lines += ["", "## Cases that raised", ""]
         lines += [f"- {arch}: {label}: {err}" for arch, label, err in report["case_errors"]]
     lines += ["", "## Every compiled variant", "",
-              "| kernel | arch | configuration | dtypes | registers | spill B | stack B | shared B |",
-              "|---|---|---|---|---:|---:|---:|---:|"]
+              "| kernel | arch | configuration | dtypes | registers | spill B | stack B | shared B | SASS instr |",
+              "|---|---|---|---|---:|---:|---:|---:|---:|"]
     for r in sorted(report["kernels"], key=lambda r: (r["kernel"], r["arch"], r["config"])):
         lines.append(f"| {r['kernel']} | {r['arch']} | {r['config']} | {r['signature']} | {r['registers']} | "
-                     f"{r['spill_stores'] + r['spill_loads']} | {r['stack']} | {r['shared']} |")
+                     f"{r['spill_stores'] + r['spill_loads']} | {r['stack']} | {r['shared']} | "
+                     f"{r.get('instructions') or '—'} |")
     return "\n".join(lines) + "\n"
 
 

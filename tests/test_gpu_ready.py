@@ -106,3 +106,30 @@ def test_check_fails_on_a_spill_and_on_a_kernel_that_does_not_compile(tmp_path):
     assert any(line.startswith("FAIL spilling_tile") and "spills" in line for line in lines), proc.stdout
     assert any(line.startswith("FAIL unit_size_cast") and "does not compile" in line for line in lines), proc.stdout
     assert not any(line.startswith("FAIL clean_copy") for line in lines)
+
+
+def _load_functions(*names_and_bounds):
+    namespace: dict = {}
+    source = CHECK.read_text()
+    code = "import re\nfrom typing import Optional\n"
+    for start, end in names_and_bounds:
+        code += source[source.index(start):source.index(end)]
+    exec(code, namespace)
+    return namespace
+
+
+def test_sass_is_counted_and_step_costs_are_per_element():
+    ns = _load_functions(("_SASS_LINE =", "def run_ptxas"), ("_STEP_KERNELS =", "def _step_costs"))
+    listing = textwrap.dedent("""\
+        	code for sm_90a
+        		Function : _ddpm_step_kernel
+                /*0000*/                   LDC R1, c[0x0][0x28] ;          /* 0x00000a00ff017b82 */
+                                                                            /* 0x000fe20000000800 */
+                /*0010*/                   S2R R0, SR_CTAID.X ;            /* 0x0000000000007919 */
+                /*0020*/                   EXIT ;                          /* 0x000000000000794d */
+        """)
+    assert ns["count_sass"](listing) == 3
+    row = {"kernel": "_ddpm_step_kernel", "instructions": 400,
+           "config": "BLOCK=2048 CLIP=False DRAW_NOISE=True num_stages=3 num_warps=4"}
+    assert ns["instructions_per_element"](row) == 400 / (2048 / 128)
+    assert ns["instructions_per_element"]({**row, "kernel": "_fwd_onchip_kernel"}) is None
