@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo bench gpu-ready cuda-ready gpu-check clean
+.PHONY: install test test-quick demo bench gpu-ready gpu-ready-quick cuda-ready gpu-check clean
 
 $(STAMP): pyproject.toml setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# the same suite without the cases marked slow (end-to-end training, compile, subprocess checks)
+test-quick: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
 # the main job on the embedded default data: the whole pipeline (cpu-demo preset on a CPU) into
 # runs/pipeline-cpu-demo, ending with the report's path; run again, it skips what is complete
 demo: $(STAMP)
@@ -34,6 +38,10 @@ bench: $(STAMP)
 # bench/results/gpu-ready.{md,json} (about 45 minutes on two cores); exit 1 on any fault
 gpu-ready: $(STAMP)
 	$(PY) bench/gpu_ready.py
+
+# the CI subset of gpu-ready: fewer shapes and dtypes, the same rules, nothing written
+gpu-ready-quick: $(STAMP)
+	$(PY) bench/gpu_ready.py --quick --no-write
 
 # no GPU needed: the CUDA extension built for sm_80 and sm_90a with ptxas -v; exit 1 on a spill or on
 # shared memory over the architecture's limit

@@ -30,6 +30,7 @@ def _check_png16(path, size):
         assert image.mode.startswith("I;16") and image.size == (size, size)
 
 
+@pytest.mark.slow
 def test_build_default_tiny_configuration(tmp_path):
     _embedded_or_skip()
     out = tmp_path / "default"
@@ -137,6 +138,7 @@ def test_failed_build_leaves_nothing_and_existing_folders_are_protected(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"] and (tmp_path / "mine" / "manifest.json").is_file()
 
 
+@pytest.mark.slow
 def test_default_dataset_location_and_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("DXR_DATA_DIR", str(tmp_path / "cache"))
     assert build.default_root(64) == tmp_path / "cache" / "default-64"

@@ -182,6 +182,7 @@ def test_gaussian_diffusion_keeps_its_schedule_in_float64_and_samples():
         model(randn(2, 1, 4, 4), cond, "gen")
 
 
+@pytest.mark.slow
 def test_samplers_on_the_triton_kernels_match_the_reference():
     """The sampler kernels drawn in-kernel differ from torch.randn, so compare the deterministic paths."""
     ac = _schedule(20)

@@ -34,6 +34,7 @@ def _rows(result, **match):
     return [r for r in result["timings"] if all(r[k] == v for k, v in match.items())]
 
 
+@pytest.mark.slow
 def test_cpu_quick_run_checks_times_and_writes_the_record(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--ops", "ddpm_step,attention",

@@ -93,12 +93,14 @@ def _check(tmp_path: Path, bad: bool) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, env=env, timeout=600)
 
 
+@pytest.mark.slow
 def test_check_passes_a_clean_kernel(tmp_path):
     proc = _check(tmp_path, bad=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "clean_copy" in proc.stdout and "0 failing" in proc.stdout
 
 
+@pytest.mark.slow
 def test_check_fails_on_a_spill_and_on_a_kernel_that_does_not_compile(tmp_path):
     proc = _check(tmp_path, bad=True)
     assert proc.returncode == 1, proc.stdout + proc.stderr

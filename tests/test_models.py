@@ -94,6 +94,7 @@ def test_unet_bad_inputs_are_clear_errors():
 @pytest.mark.skipif(not _triton_modules_present("group_norm", "attention"),
                     reason="needs dxr/kernels/triton/group_norm.py and attention.py")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.slow
 def test_unet_triton_backend_matches_torch(dtype):
     """The whole UNet, forward and every gradient, on the fused kernels against the reference ops."""
     reference = _randomise(UNet(**TINY_UNET, cond_channels=1, backend="torch")).to(DEVICE, dtype)

@@ -62,6 +62,7 @@ class _ConvNormAdaIN(nn.Module):
         return self.conv2(torch.relu(self.adain(h, 1 + scale, shift)))
 
 
+@pytest.mark.slow
 def test_compiled_model_has_no_graph_break_and_matches_eager():
     """Inductor around the fused Triton ops: fullgraph=True fails on any graph break."""
     torch.manual_seed(0)

@@ -369,6 +369,7 @@ def test_adain_and_attention_second_derivatives_are_the_same_on_every_backend():
     _assert_backends_agree(lambda b: (lambda q, k, v: ops.attention(q, k, v, backend=b)), (q, k, v))
 
 
+@pytest.mark.slow
 def test_opcheck_passes_for_every_op_with_inputs_that_require_grad():
     x, m, z = _leaf(2, 4, 3, 5, seed=23), _leaf(2, 4, 3, 5, seed=24), _leaf(2, 4, 3, 5, seed=25)
     w, b = _leaf(4, seed=26), _leaf(4, seed=27)

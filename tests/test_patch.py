@@ -230,6 +230,7 @@ def _forward_and_grads(model, x, t, context):
     return (out, *torch.autograd.grad(out.float().square().sum(), (x, model.self_attention.to_q.weight)))
 
 
+@pytest.mark.slow
 def test_patched_unet_matches_unpatched(attention_calls):
     """Forward and gradients of the patched model (fused kernels) against the original, in float32."""
     model = _unet()
@@ -249,6 +250,7 @@ def test_patched_unet_matches_unpatched(attention_calls):
     assert len(attention_calls) == 2
 
 
+@pytest.mark.slow
 def test_patched_bfloat16_unet_is_as_accurate_as_pytorch():
     """In bfloat16 both runs round every layer differently (the fused GroupNorm+SiLU rounds once where
     PyTorch rounds twice), so they are held against the float32 model: the patched run must stay as
@@ -319,6 +321,7 @@ def _recording(inner, seen):
     return backend
 
 
+@pytest.mark.slow
 def test_compiled_patched_unet_has_no_graph_break():
     """torch.compile(fullgraph=True) of the patched UNet fails on any graph break; the captured graph
     calls dxr's attention op and matches eager. aot_eager runs Dynamo and AOTAutograd as Inductor gets
@@ -343,6 +346,7 @@ def test_compiled_patched_unet_has_no_graph_break():
 # torch.compile graph rewrite
 
 
+@pytest.mark.slow
 def test_fuse_graph_rewrites_module_and_functional_patterns():
     """On the unpatched UNet: every GroupNorm → SiLU pair (Sequential, diffusers-style and inline
     functional) becomes one group_norm_silu, the attention blocks' norms plain GroupNorm, both SDPA

@@ -20,6 +20,7 @@ def _stamps(out):
     return {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.parent != out}
 
 
+@pytest.mark.slow
 def test_pipeline_runs_every_stage_and_resumes_after_a_stop(tmp_path, capsys):
     data = make_dataset(tmp_path / "data")
     out = tmp_path / "run"

@@ -94,6 +94,7 @@ def _fixed_batch_loss(net, config, batch, seed=123):
 
 
 @pytest.mark.parametrize("stage", ["lq-ddpm", "lq-munit", "hq-ddpm", "bicubic-ddpm"])
+@pytest.mark.slow
 def test_twenty_steps_lower_the_loss_on_a_fixed_batch(stage, data, tmp_path):
     config = _config(stage, data, tmp_path, lr=3e-3)
     torch.manual_seed(0)
@@ -137,6 +138,7 @@ def test_bicubic_degradation_is_a_low_pass_of_the_same_size():
 
 
 @pytest.mark.parametrize("stage", ["lq-ddpm", "lq-munit"])
+@pytest.mark.slow
 def test_resume_equals_an_uninterrupted_run(stage, data, tmp_path):
     full, split = tmp_path / "full", tmp_path / "split"
     args = ["--set", "ema=0.9"] if stage == "lq-ddpm" else []
@@ -156,6 +158,7 @@ def test_resume_equals_an_uninterrupted_run(stage, data, tmp_path):
 
 
 @pytest.mark.parametrize("stage", ["hq-ddpm", "bicubic-ddpm"])
+@pytest.mark.slow
 def test_each_stage_writes_checkpoint_config_metrics_grid_and_curve(stage, data, tmp_path):
     assert train_mod.main(_args(stage, data, tmp_path, "--steps", "4", "--sample-every", "2")) == 0
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_0000002.png", "step_0000004.png"]
@@ -174,6 +177,7 @@ def test_each_stage_writes_checkpoint_config_metrics_grid_and_curve(stage, data,
     assert net.sample((2, 1, SIZE, SIZE), cond=lq, steps=2).shape == lq.shape
 
 
+@pytest.mark.slow
 def test_resume_with_a_mismatched_config_fails_with_a_clear_message(data, tmp_path, capsys):
     assert train_mod.main(_args("lq-ddpm", data, tmp_path, "--steps", "2")) == 0
     code = train_mod.main(["--out", str(tmp_path), "--resume", "--image-size", "32", "--set", "unet.base_channels=16"])
@@ -215,6 +219,7 @@ def test_ctrl_c_finishes_the_step_saves_and_exits(data, tmp_path, monkeypatch):
     assert signal.getsignal(signal.SIGINT) is before  # the handler the run found is back
 
 
+@pytest.mark.slow
 def test_torchrun_two_gloo_processes_train_and_rank0_saves_once(data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     env.pop("TRITON_INTERPRET", None)
@@ -392,6 +397,7 @@ def test_the_module_entry_point_prints_one_line_and_exits_2(data, tmp_path):
 # crash safety
 
 
+@pytest.mark.slow
 def test_resume_drops_a_torn_last_metrics_line_and_stale_temporaries(data, tmp_path, capsys):
     out = tmp_path / "run"
     assert train_mod.main(_args("lq-ddpm", data, out, "--steps", "2")) == 0
@@ -409,6 +415,7 @@ def test_resume_drops_a_torn_last_metrics_line_and_stale_temporaries(data, tmp_p
     assert [r["step"] for r in _losses(out)] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_resume_after_ctrl_c_mid_window_logs_what_an_uninterrupted_run_logs(data, tmp_path, monkeypatch):
     full, split = tmp_path / "full", tmp_path / "split"
     assert train_mod.main(_args("lq-ddpm", data, full, "--steps", "5", "--log-every", "4")) == 0
