@@ -499,8 +499,9 @@ def _attention_bwd_dq_kernel(
 # the dk/dv pass accumulates dk and dv over kept k and v; the dq pass dq over kept q and dO
 _attention_bwd_dkdv = _tuned("dkdv", "BLOCK_N", "BLOCK_M")(_attention_bwd_dkdv_kernel)
 _attention_bwd_dq = _tuned("dq", "BLOCK_M", "BLOCK_N")(_attention_bwd_dq_kernel)
-# rows per program of the delta preprocess: one (64, BLOCK_D) tile of O and dO
-_DELTA_BLOCK = 64
+# rows per program of the delta preprocess: one (32, BLOCK_D) tile of O and dO (64 rows spilled on
+# sm_90 at float16 D = 40)
+_DELTA_BLOCK = 32
 
 
 # --------------------------------------------------------------------------------------------------
