@@ -30,9 +30,9 @@ tiles that compile without register spills for that kernel, dtype, head dim and 
 (``attention_tiles``, measured with ptxas) and fit the part's shared memory: pipelined tensor-core tiles
 for float16/bfloat16, small FMA tiles for float32. Where no tile is spill-free (float32: the forward
 beyond D = 128 and the backward beyond D = 64; half precision: the backward beyond D = 128, and on
-sm_80-sm_89 the forward beyond D = 128 and the backward beyond D = 64) :func:`serves` says no, the launch functions raise, and ``dxr.ops.attention``
-runs PyTorch's ``scaled_dot_product_attention`` instead. The interpreter runs one configuration and
-serves every case.
+sm_80-sm_89 the forward beyond D = 128 and the backward beyond D = 64) :func:`serves` says no, the
+launch functions raise, and ``dxr.ops.attention`` runs PyTorch's ``scaled_dot_product_attention``
+instead. The interpreter runs one configuration and serves every case.
 """
 
 from __future__ import annotations
