@@ -37,6 +37,7 @@ instead. The interpreter runs one configuration and serves every case.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -128,6 +129,7 @@ def _shared_bytes(rows: int, step: int, stages: int, block_d: int, operands: int
 _OPERANDS = {"forward": 1, "dkdv": 2, "dq": 2}
 
 
+@functools.lru_cache(maxsize=None)  # asked on every dxr.ops.attention call: once per case
 def _kept_tiles(kernel: str, capability: int, element_size: int, block_d: int) -> frozenset:
     """The spill-free tiles of ``kernel`` whose shared memory fits the part (estimated for parts the table
     was not compiled for, such as sm_86 and sm_89 with 99 KB)."""
