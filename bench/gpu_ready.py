@@ -549,6 +549,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             parser.error(f"--ops: unknown kernel family {o!r}, expected some of {', '.join(PROJECT_CASES)}")
     if args.cases is not None and not args.cases.is_file():
         parser.error(f"--cases: no such file {args.cases}")
+    if args.cases is not None and not args.worker:
+        try:
+            _load_cases(args.cases)["extra"]()
+        except Exception as err:  # a foreign or broken file: one line, exit 2
+            parser.error(f"--cases: {args.cases} must be a Python file defining CASES, a list of "
+                         f"(op, label, thunk[, quick]) ({type(err).__name__}: {err})")
 
     if args.worker:  # one architecture, its result as JSON on stdout
         result = check_arch(ARCHS[args.worker], ops, args.quick, args.cases, args.progress)

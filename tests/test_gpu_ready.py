@@ -135,3 +135,13 @@ def test_sass_is_counted_and_step_costs_are_per_element():
            "config": "BLOCK=2048 CLIP=False DRAW_NOISE=True num_stages=3 num_warps=4"}
     assert ns["instructions_per_element"](row) == 400 / (2048 / 128)
     assert ns["instructions_per_element"]({**row, "kernel": "_fwd_onchip_kernel"}) is None
+
+
+def test_a_cases_file_without_cases_is_one_line_and_exit_2(tmp_path):
+    foreign = tmp_path / "notes.py"
+    foreign.write_text("x = 1\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(CHECK), "--cases", str(foreign), "--no-write"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2
+    assert "--cases:" in proc.stderr and "defining CASES" in proc.stderr and "Traceback" not in proc.stderr
