@@ -83,3 +83,34 @@ def test_the_module_entry_point_prints_one_line_and_exits_2(cts):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert result.stderr.startswith(PROG) and "text.nii.gz" in result.stderr
+
+
+def _help(argv, capsys, monkeypatch) -> str:
+    monkeypatch.setenv("COLUMNS", "400")  # one line per flag
+    assert main([*argv, "--help"]) == 0
+    return capsys.readouterr().out
+
+
+def test_help_is_plain_text_naming_both_commands(capsys, monkeypatch):
+    text = _help([], capsys, monkeypatch)
+    assert "``" not in text and ":class:" not in text
+    assert "build-default" in text and "drr" in text and "COMMAND --help" in text
+
+
+def test_command_help_says_the_builders_defaults(capsys, monkeypatch):
+    import inspect
+
+    from dxr.data.build import DRRSettings, build_ct_drrs, build_default
+
+    default = inspect.signature(build_default).parameters
+    settings = DRRSettings()
+    text = _help(["build-default"], capsys, monkeypatch)
+    assert "``" not in text
+    assert f"LQ DRRs in all (default {default['num_lq'].default})" in text
+    assert f"side of every image in pixels (default {default['image_size'].default})" in text
+    assert f"share of each domain in test/ (default {default['test_fraction'].default})" in text
+    assert f"samples per ray (default {settings.n_samples})" in text
+    assert f"nodules per nodule volume, 1..N (default {settings.max_nodules})" in text
+    text = _help(["drr"], capsys, monkeypatch)
+    assert f"(default {inspect.signature(build_ct_drrs).parameters['nodules'].default})" in text
+    assert f"side of every DRR in pixels (default {settings.image_size})" in text

