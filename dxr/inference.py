@@ -62,9 +62,9 @@ def load_stage_model(checkpoint: PathLike, stages: Sequence[str], *, device: tor
 
 def size_multiple(config) -> int:
     """The factor every image side must be a multiple of for the network of a run's ``config``."""
-    if config.stage == "lq-munit":
-        return 2 ** config.munit.n_downsample
-    return 2 ** (len(config.unet.channel_mult) - 1)
+    from dxr.training import stages
+
+    return stages.of(config).image_multiple(config)
 
 
 def read_grayscale(path: PathLike) -> np.ndarray:

@@ -17,7 +17,7 @@ import copy
 import os
 import signal
 import sys
-import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -25,12 +25,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dxr import profiling
 from dxr.cli import run
 from dxr.training import stages
 from dxr.training.checkpoint import (CHECKPOINT, check_compatible, read_checkpoint, remove_stale_temporaries, restore,
                                      save_checkpoint)
-from dxr.training.config import (PRECISIONS, PRESETS, STAGES, ConfigError, TrainConfig, apply_overrides,
-                                 check_runnable, preset, replace)
+from dxr.training.config import (PRECISIONS, PRESETS, ConfigError, TrainConfig, apply_overrides, check_runnable,
+                                 preset, replace)
 from dxr.training.data import SeededItems, StepBatches, seed_step
 from dxr.training.report import MetricsLog, save_grid, save_loss_curve
 
@@ -48,14 +49,17 @@ def train_step(model: nn.Module, updates: Sequence[stages.Update], inputs: tuple
     logs = {}
     for update in updates:
         update.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=AMP_DTYPES.get(config.precision), enabled=config.precision != "fp32"):
+        with profiling.region("train.forward"), torch.autocast(device.type, dtype=AMP_DTYPES.get(config.precision),
+                                                               enabled=config.precision != "fp32"):
             loss, parts = model(*inputs, update.part)
-        scaler.scale(loss).backward()
-        if config.grad_clip > 0:
-            scaler.unscale_(update.optimizer)
-            torch.nn.utils.clip_grad_norm_(update.parameters, config.grad_clip)
-        scaler.step(update.optimizer)
-        scaler.update()
+        with profiling.region("train.backward"):
+            scaler.scale(loss).backward()
+        with profiling.region("train.optimizer"):
+            if config.grad_clip > 0:
+                scaler.unscale_(update.optimizer)
+                torch.nn.utils.clip_grad_norm_(update.parameters, config.grad_clip)
+            scaler.step(update.optimizer)
+            scaler.update()
         logs[update.part] = loss.detach().float()
         logs.update({f"{update.part}/{k}": v.detach().float() for k, v in parts.items()})
     return logs
@@ -126,11 +130,15 @@ class StopRequest:
 # the loop
 
 
-def train(config: TrainConfig) -> Path:
+def train(config: TrainConfig, profile: Optional[str] = None) -> Path:
     """Run (or resume) the training described by ``config``; returns the run folder.
 
+    ``profile`` ("none", "nvtx", "torch"; see :mod:`dxr.profiling`) profiles the training loop; "torch"
+    writes ``trace.json`` into the run folder (``rank<N>/`` below it for the other processes of a DDP run).
     Raises ConfigError before any work for a run that cannot start (see ``check_runnable``)."""
+    profile = profiling.check_mode(profile)
     check_runnable(config)
+    stage = stages.of(config)
     rank, world, device = setup_distributed(config.device)
     master = rank == 0
     out = Path(config.out or f"runs/{config.stage}")
@@ -139,14 +147,14 @@ def train(config: TrainConfig) -> Path:
         check_compatible(checkpoint, config)
 
     torch.manual_seed(config.seed)  # the initial weights (DDP then copies rank 0's to every rank)
-    net = stages.build_net(config, backend=config.backend).to(device)
+    net = stage.build(config, config.backend).to(device)
     if config.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    updates = stages.make_updates(config, net)
+    updates = stage.updates(config, net)
     optimizers = {u.part: u.optimizer for u in updates}
     ema = copy.deepcopy(net).requires_grad_(False).eval() if config.ema > 0 else None
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
-    dataset = stages.make_dataset(config)
+    dataset = stage.dataset(config)
     start = restore(checkpoint, net=net, ema=ema, optimizers=optimizers, scaler=scaler) if checkpoint else 0
     sampler = StepBatches(len(dataset), config.batch_size, seed=config.seed, start=start, rank=rank, world_size=world)
     if checkpoint is not None and checkpoint.state["data"] != sampler.state():
@@ -156,28 +164,23 @@ def train(config: TrainConfig) -> Path:
                                          pin_memory=device.type == "cuda", persistent_workers=config.num_workers > 0)
     model = net
     if world > 1:
-        # MUNIT's discriminator update leaves the generators without gradients
         model = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None,
-                                                    find_unused_parameters=config.stage == "lq-munit")
+                                                    find_unused_parameters=stage.find_unused_parameters)
     if config.compile:
         model = torch.compile(model)
 
     stale = remove_stale_temporaries(out) if master else []
     notes = [f"removed {p}, left by a process killed while writing" for p in stale]
-    log = MetricsLog(out, resume_step=start if checkpoint else None) if master else None
+    log = MetricsLog(out, resume_step=start if checkpoint else None,
+                     images_per_step=config.batch_size * world) if master else None
     notes += log.notes if master else []
-    preview = stages.preview_images(config, min(8, config.num_samples)) if master else None
-    # the logging window open at the checkpoint: a run resumed mid-window logs what an uninterrupted one does
-    open_window = (checkpoint.state.get("log_window") if checkpoint else None) or {"start": start, "sums": {}}
-    window_start = open_window["start"]
-    sums = {k: torch.tensor(v, dtype=torch.float32, device=device) for k, v in open_window["sums"].items()}
+    preview = stage.preview(config, min(8, config.num_samples)) if master else None
     written = {}
 
     def save(step: int) -> None:
         if master:
             save_checkpoint(out, config=config, step=step, net=net, ema=ema, optimizers=optimizers, scaler=scaler,
-                            data_state=sampler.state(),
-                            log_window={"start": window_start, "sums": {k: float(v) for k, v in sums.items()}})
+                            data_state=sampler.state(), log_window=log.window_state())
 
     def sample(step: int) -> None:
         if not master:
@@ -193,8 +196,7 @@ def train(config: TrainConfig) -> Path:
 
     if master:
         size = sum(p.numel() for p in net.parameters())
-        source = config.pairs if config.stage == "hq-ddpm" else stages.data_root(config)
-        print(f"dxr.train {config.stage}: {len(dataset)} images from {source}, "
+        print(f"dxr.train {config.stage}: {len(dataset)} images from {stage.source(config)}, "
               f"{size / 1e6:.2f} M parameters, {config.steps} steps of batch {config.batch_size} at "
               f"{config.image_size}² on {device}{f' x{world}' if world > 1 else ''} ({config.preset} preset, "
               f"{config.precision}) -> {out}" + (f", resuming at step {start}" if checkpoint else ""), flush=True)
@@ -207,41 +209,41 @@ def train(config: TrainConfig) -> Path:
         from tqdm.auto import tqdm
 
         progress = tqdm(total=config.steps, initial=start, desc=config.stage, unit="step", dynamic_ncols=True)
-    step, window_time = start, time.perf_counter()
+    if master:
+        # the logging window open at the checkpoint: a run resumed mid-window logs what an uninterrupted one does
+        window = (checkpoint.state.get("log_window") if checkpoint else None) or {"start": start, "sums": {}}
+        log.open_window(window["start"], window["sums"], device=device)
+    step = start
     try:
         net.train()
-        while step < config.steps:
-            batch = next(batches)
-            seed_step(config.seed, rank, step)  # dropout, timesteps, noise, styles: a function of the step
-            for update in updates:
-                for group in update.optimizer.param_groups:
-                    group["lr"] = learning_rate(config, step)
-            logs = train_step(model, updates, stages.inputs(config, batch, device), config, scaler, device)
-            if ema is not None:
-                update_ema(ema, net, config.ema, step)
-            step += 1
-            for key, value in logs.items():
-                sums[key] = sums.get(key, 0.0) + value
-            at_log = step % config.log_every == 0 or step == config.steps
-            if at_log and master:
-                now = time.perf_counter()
-                window = step - window_start
-                record = {"step": step, **{k: round(float(v) / window, 6) for k, v in sums.items()},
-                          "lr": learning_rate(config, step - 1), "steps_per_s": round(window / (now - window_time), 3)}
-                log.append(record)
+        with profiling.session(profile, out if master else out / f"rank{rank}"):
+            while step < config.steps:
+                with profiling.region("train.data"):
+                    inputs = stage.inputs(config, next(batches), device)
+                seed_step(config.seed, rank, step)  # dropout, timesteps, noise, styles: a function of the step
+                for update in updates:
+                    for group in update.optimizer.param_groups:
+                        group["lr"] = learning_rate(config, step)
+                logs = train_step(model, updates, inputs, config, scaler, device)
+                if ema is not None:
+                    update_ema(ema, net, config.ema, step)
+                step += 1
+                at_log = step % config.log_every == 0 or step == config.steps
+                if master:
+                    log.add(logs)
+                    if at_log:
+                        record = log.write_window(step, lr=learning_rate(config, step - 1))
+                        if progress is not None:
+                            progress.set_postfix({**{k: f"{record[k]:.4f}" for k in optimizers},
+                                                  "img/s": f"{log.images_per_s:.1f}"})
                 if progress is not None:
-                    progress.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k in optimizers})
-                window_start, window_time, sums = step, now, {}
-            elif at_log:
-                window_start, sums = step, {}
-            if progress is not None:
-                progress.update(1)
-            if stop.should_stop(at_log, device):
-                break
-            if step % config.save_every == 0 and step < config.steps:
-                save(step)
-            if step % config.sample_every == 0 and step < config.steps:
-                sample(step)
+                    progress.update(1)
+                if stop.should_stop(at_log, device):
+                    break
+                if step % config.save_every == 0 and step < config.steps:
+                    save(step)
+                if step % config.sample_every == 0 and step < config.steps:
+                    sample(step)
     finally:
         stop.close()
         if progress is not None:
@@ -252,6 +254,8 @@ def train(config: TrainConfig) -> Path:
     if master:
         reason = "stopped by request" if stop.requested else "done"
         outputs = [f"checkpoint {out / CHECKPOINT}", f"metrics {log.path}"]
+        if profile == "torch":
+            outputs.append(f"profile {out / profiling.TRACE}")
         outputs += [f"{name} {path.parent if name == 'samples' else path}" for name, path in written.items() if path]
         print(f"{reason} at step {step}: {', '.join(outputs)}", flush=True)
     if world > 1:
@@ -265,52 +269,134 @@ def train(config: TrainConfig) -> Path:
 # --------------------------------------------------------------------------------------------------
 # command line
 
+DEFAULT_STAGE = "lq-ddpm"
+# settings the help's table leaves out: paths and run control, which have no preset value
+_UNLISTED = {"stage", "preset", "data", "pairs", "out", "resume", "device", "backend", "progress"}
+PROFILE_HELP = ("none (default): nothing; "
+                "nvtx: the phases of each step (train.data, train.forward, train.backward, train.optimizer) become "
+                "NVTX ranges for Nsight Systems, as DXR_NVTX=1 does: nsys profile -t cuda,nvtx -o dxr-train "
+                "python -m dxr.train --profile nvtx ...; "
+                "torch: torch.profiler records the training loop (CPU, and CUDA on a GPU) with those phases named, "
+                "and writes <out>/trace.json (chrome://tracing or ui.perfetto.dev)")
 
-def _parser() -> argparse.ArgumentParser:
+
+def _text(value) -> str:
+    """A setting's value as ``--set`` takes it."""
+    if value is None or isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def _preset_values(stage: str) -> dict[str, dict[str, str]]:
+    """Every listed setting of ``stage`` → {preset: its value}: the top-level ones, then the stage's network."""
+    section = stages.get(stage).network
+    table: dict[str, dict[str, str]] = {}
+    for name in PRESETS:
+        config = asdict(preset(name, stage))
+        for key, value in config.items():
+            if key == section:
+                for sub, v in value.items():
+                    table.setdefault(f"{key}.{sub}", {})[name] = _text(tuple(v) if isinstance(v, list) else v)
+            elif not isinstance(value, dict) and key not in _UNLISTED:
+                table.setdefault(key, {})[name] = _text(value)
+    return table
+
+
+def _per_preset(values: dict[str, str]) -> str:
+    """"300 in cpu-demo, 200000 in paper", or "16 in every preset"."""
+    if len(set(values.values())) == 1:
+        return f"{next(iter(values.values()))} in every preset"
+    return ", ".join(f"{v} in {name}" for name, v in values.items())
+
+
+def _epilog(stage: str, values: dict[str, dict[str, str]]) -> str:
+    width = max(map(len, values)) + 2
+    lines = ["stages:"] + [f"  {s.name:<14}{s.summary}" for s in stages.TABLE.values()]
+    which = f"--stage {stage}" + (" (the default)" if stage == DEFAULT_STAGE else "")
+    lines += ["", f"settings of {which} in each preset; a flag or --set KEY=VALUE changes one,",
+              "--stage STAGE --help shows another stage's:",
+              (f"  {'KEY':<{width}}" + "".join(f"{name:<12}" for name in PRESETS)).rstrip()]
+    lines += [f"  {key:<{width}}" + "".join(f"{per.get(name, ''):<12}" for name in PRESETS).rstrip()
+              for key, per in values.items()]
+    lines += ["", "profiling on a GPU: nsys profile -t cuda,nvtx -o dxr-train python -m dxr.train --profile nvtx ..."]
+    return "\n".join(lines)
+
+
+def _stage_named(argv: Optional[Sequence[str]]) -> str:
+    """The --stage in ``argv`` (the default when there is none, or one the full parser will refuse)."""
+    pre = argparse.ArgumentParser(prog="python -m dxr.train", add_help=False)
+    pre.add_argument("--stage")
+    stage = pre.parse_known_args(argv)[0].stage
+    return stage if stage in stages.TABLE else DEFAULT_STAGE
+
+
+def _parser(stage: str = DEFAULT_STAGE) -> argparse.ArgumentParser:
+    """The command's flags; their help and the epilog give the presets' values for ``stage``."""
+    values = _preset_values(stage)
+
+    def of(key: str) -> str:
+        return _per_preset(values[key])
+
     p = argparse.ArgumentParser(prog="python -m dxr.train", description=__doc__.split("\n\n")[0].replace("``", ""),
-                                argument_default=argparse.SUPPRESS)
-    p.add_argument("--stage", choices=STAGES, help="what to train (default lq-ddpm)")
+                                argument_default=argparse.SUPPRESS, epilog=_epilog(stage, values),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", choices=stages.STAGES, help=f"what to train (default {DEFAULT_STAGE}); see stages below")
     p.add_argument("--preset", choices=PRESETS, help="cpu-demo (default on a CPU) or paper (default on a GPU); "
-                   "see dxr/training/config.py")
+                   "their values are listed below and in dxr/training/config.py")
     p.add_argument("--data", help="dataset root with lq/ and hq/ (default: the embedded default dataset)")
     p.add_argument("--pairs", help="hq-ddpm: paired folder with lq/ and hq/ (from synthesis)")
     p.add_argument("--out", help="run folder (default runs/<stage>)")
-    p.add_argument("--steps", type=int, help="total training steps")
-    p.add_argument("--batch-size", type=int, dest="batch_size", help="images per step and process")
-    p.add_argument("--image-size", type=int, dest="image_size", help="training resolution (square)")
-    p.add_argument("--lr", type=float, help="learning rate")
-    p.add_argument("--seed", type=int, help="seed of the data order, noise and initialisation")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default cuda when available)")
-    p.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"), help="kernels of the fused ops")
-    p.add_argument("--precision", choices=PRECISIONS, help="fp32, or bf16/fp16 autocast")
-    p.add_argument("--compile", action="store_true", help="torch.compile the network")
-    p.add_argument("--ema", type=float, help="EMA decay of the sampled weights (0: off)")
+    p.add_argument("--steps", type=int, help=f"total training steps ({of('steps')})")
+    p.add_argument("--batch-size", type=int, dest="batch_size",
+                   help=f"images per step and process ({of('batch_size')})")
+    p.add_argument("--image-size", type=int, dest="image_size",
+                   help=f"training resolution, square ({of('image_size')})")
+    p.add_argument("--lr", type=float, help=f"learning rate ({of('lr')})")
+    p.add_argument("--seed", type=int, help=f"seed of the data order, noise and initialisation ({of('seed')})")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default cuda when available, else cpu)")
+    p.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"),
+                   help="kernels of the fused ops (default: DXR_BACKEND, else auto)")
+    p.add_argument("--precision", choices=PRECISIONS, help=f"fp32, or bf16/fp16 autocast ({of('precision')})")
+    p.add_argument("--compile", action="store_true", help=f"torch.compile the network ({of('compile')})")
+    p.add_argument("--ema", type=float, help=f"EMA decay of the sampled weights, 0: off ({of('ema')})")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--sample-every", type=int, dest="sample_every", help="steps between sample grids")
-    p.add_argument("--save-every", type=int, dest="save_every", help="steps between checkpoints")
-    p.add_argument("--log-every", type=int, dest="log_every", help="steps between metrics records")
+    p.add_argument("--sample-every", type=int, dest="sample_every",
+                   help=f"steps between sample grids ({of('sample_every')})")
+    p.add_argument("--save-every", type=int, dest="save_every", help=f"steps between checkpoints ({of('save_every')})")
+    p.add_argument("--log-every", type=int, dest="log_every", help=f"steps between metrics records ({of('log_every')})")
     p.add_argument("--no-progress", action="store_false", dest="progress", help="no progress bar")
+    p.add_argument("--profile", choices=profiling.MODES, help=PROFILE_HELP)
     p.add_argument("--set", action="append", dest="overrides", metavar="KEY=VALUE",
-                   help="any other setting, e.g. unet.base_channels=32, unet.channel_mult=1,2,2, timesteps=200")
+                   help="any other setting (listed below), e.g. unet.base_channels=32, unet.channel_mult=1,2,2, "
+                        "timesteps=200")
     return p
 
 
-def config_from_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
-    """The run's configuration: the checkpoint's when resuming, else the preset's; then the flags given."""
-    flags = vars(_parser().parse_args(argv))
+def _parse(argv: Optional[Sequence[str]]) -> tuple[TrainConfig, str]:
+    """(the run's configuration, the --profile mode)."""
+    flags = vars(_parser(_stage_named(argv)).parse_args(argv))
     overrides = flags.pop("overrides", [])
+    profile = flags.pop("profile", "none")
     if flags.get("resume"):
-        out = Path(flags.get("out") or f"runs/{flags.get('stage', 'lq-ddpm')}")
+        out = Path(flags.get("out") or f"runs/{flags.get('stage', DEFAULT_STAGE)}")
         base = replace(read_checkpoint(out, tensors=False).config, out=str(out))
     else:
         cuda = torch.cuda.is_available()
         name = flags.get("preset", "paper" if cuda else "cpu-demo")
-        base = preset(name, flags.get("stage", "lq-ddpm"), device="cuda" if cuda else "cpu")
-    return apply_overrides(replace(base, **flags), overrides)
+        base = preset(name, flags.get("stage", DEFAULT_STAGE), device="cuda" if cuda else "cpu")
+    return apply_overrides(replace(base, **flags), overrides), profile
+
+
+def config_from_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
+    """The run's configuration: the checkpoint's when resuming, else the preset's; then the flags given."""
+    return _parse(argv)[0]
 
 
 def _main(argv: Optional[Sequence[str]] = None) -> int:
-    train(config_from_args(argv))
+    config, profile = _parse(argv)
+    train(config, profile=profile)
     return 0
 
 

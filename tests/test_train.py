@@ -441,3 +441,103 @@ def test_metrics_log_refuses_a_bad_line_before_the_last(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "lo\n{"step": 3, "loss": 0.5}\n')
     with pytest.raises(ValueError, match="line 2: not a metrics record"):
         MetricsLog(tmp_path, resume_step=3)
+
+
+# --------------------------------------------------------------------------------------------------
+# stages as records, the help, profiling
+
+
+def test_a_stage_is_one_record_of_the_table(data, tmp_path, monkeypatch):
+    import dataclasses
+
+    assert stages.STAGES == tuple(stages.TABLE) == ("lq-ddpm", "lq-munit", "hq-ddpm", "bicubic-ddpm")
+    assert [name for name, s in stages.TABLE.items() if s.conditional] == ["hq-ddpm", "bicubic-ddpm"]
+    assert [name for name, s in stages.TABLE.items() if s.find_unused_parameters] == ["lq-munit"]
+    with pytest.raises(ConfigError, match="stage must be one of .*'lq-ddpm'.*, got 'hq-gan'"):
+        preset("cpu-demo", "hq-gan")
+    # a new stage: one record (here the baseline's, renamed) is all the loop needs
+    record = dataclasses.replace(stages.TABLE["bicubic-ddpm"], name="bicubic-x2")
+    monkeypatch.setitem(stages.TABLE, "bicubic-x2", record)
+    config = _config("bicubic-x2", data, tmp_path, steps=1, bicubic_factor=2)
+    assert config.unet.cond_channels == 1 and config.residual  # the record's settings and conditioning
+    assert train_mod.train(config) == tmp_path
+    assert read_checkpoint(tmp_path).config.stage == "bicubic-x2"
+
+
+def _help(argv, capsys, monkeypatch) -> str:
+    monkeypatch.setenv("COLUMNS", "400")  # argparse wraps flag help to the terminal: one line per flag here
+    assert train_mod.main([*argv, "--help"]) == 0
+    return capsys.readouterr().out
+
+
+def _table(text: str) -> dict[str, list[str]]:
+    """The help's settings table: KEY → [cpu-demo value, paper value]."""
+    lines = text.split("  KEY ", 1)[1].splitlines()[1:]
+    rows = [line.split() for line in lines[:lines.index("")]]
+    return {row[0]: row[1:] for row in rows}
+
+
+def test_help_lists_each_presets_values(capsys, monkeypatch):
+    text = _help([], capsys, monkeypatch)
+    demo, paper = preset("cpu-demo"), preset("paper")
+    assert demo.steps != paper.steps and demo.lr != paper.lr
+    assert f"total training steps ({demo.steps} in cpu-demo, {paper.steps} in paper)" in text
+    assert f"learning rate ({demo.lr} in cpu-demo, {paper.lr} in paper)" in text
+    assert f"images per step and process ({demo.batch_size} in every preset)" in text
+    assert "settings of --stage lq-ddpm (the default) in each preset" in text
+    table = _table(text)
+    assert table["image_size"] == [str(demo.image_size), str(paper.image_size)]
+    assert table["unet.base_channels"] == [str(demo.unet.base_channels), str(paper.unet.base_channels)]
+    assert table["unet.channel_mult"] == [",".join(map(str, c.unet.channel_mult)) for c in (demo, paper)]
+    assert table["schedule"] == [demo.schedule, paper.schedule] and "munit.dim" not in table
+    for stage in stages.STAGES:
+        assert f"  {stage} " in text  # each stage with its summary
+
+
+def test_stage_help_shows_that_stages_values(capsys, monkeypatch):
+    text = _help(["--stage", "lq-munit"], capsys, monkeypatch)
+    demo, paper = preset("cpu-demo", "lq-munit"), preset("paper", "lq-munit")
+    assert "settings of --stage lq-munit in each preset" in text
+    table = _table(text)
+    assert table["batch_size"] == [str(demo.batch_size), str(paper.batch_size)] == ["8", "16"]
+    assert table["ema"] == ["0.0", "0.0"] and table["lr"] == [str(demo.munit.lr), str(paper.munit.lr)]
+    assert table["munit.dim"] == [str(demo.munit.dim), str(paper.munit.dim)]
+    assert "unet.base_channels" not in table
+    assert f"total training steps ({demo.steps} in cpu-demo, {paper.steps} in paper)" in text
+    residual = _table(_help(["--stage", "hq-ddpm"], capsys, monkeypatch))["residual"]
+    assert residual == [str(preset(p, "hq-ddpm").residual).lower() for p in ("cpu-demo", "paper")] == ["true", "false"]
+
+
+def test_help_says_what_each_profile_mode_does(capsys, monkeypatch):
+    text = _help([], capsys, monkeypatch)
+    assert "--profile {none,nvtx,torch}" in text
+    assert "nsys profile -t cuda,nvtx -o dxr-train python -m dxr.train --profile nvtx ..." in text
+    assert "NVTX ranges" in text and "DXR_NVTX=1" in text and "<out>/trace.json" in text
+
+
+def test_profile_torch_writes_a_trace_with_the_training_phases(data, tmp_path, capsys):
+    assert train_mod.main(_args("lq-ddpm", data, tmp_path, "--steps", "2", "--profile", "torch")) == 0
+    assert f"profile {tmp_path / 'trace.json'}" in capsys.readouterr().out
+    trace = json.loads((tmp_path / "trace.json").read_text())
+    names = {event.get("name") for event in trace["traceEvents"]}
+    for phase in ("train.data", "train.forward", "train.backward", "train.optimizer"):
+        assert phase in names, phase
+    assert [r["step"] for r in _losses(tmp_path)] == [1, 2]
+
+
+def test_metrics_log_window_means_each_loss_and_carries_an_open_window_over(tmp_path):
+    log = MetricsLog(tmp_path, images_per_step=8)
+    for value in (1.0, 2.0, 3.0):
+        log.add({"loss": torch.tensor(value), "loss/mse": torch.tensor(2 * value)})
+    record = log.write_window(3, lr=0.1)
+    assert list(record) == ["step", "loss", "loss/mse", "lr", "steps_per_s"]
+    assert (record["step"], record["loss"], record["loss/mse"], record["lr"]) == (3, 2.0, 4.0, 0.1)
+    assert log.images_per_s == pytest.approx(8 * record["steps_per_s"], rel=1e-2)
+    log.add({"loss": torch.tensor(4.0)})
+    state = log.window_state()
+    assert state == {"start": 3, "sums": {"loss": 4.0}}
+    resumed = MetricsLog(tmp_path, resume_step=4)  # a run resumed at step 4, inside the window opened at 3
+    resumed.open_window(state["start"], state["sums"])
+    resumed.add({"loss": torch.tensor(5.0)})
+    assert resumed.write_window(5, lr=0.1)["loss"] == 4.5
+    assert [r["step"] for r in _losses(tmp_path)] == [3, 5]

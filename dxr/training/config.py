@@ -34,14 +34,19 @@ from typing import Optional
 from dxr.models.munit import MUNITConfig
 from dxr.models.unet import UNetConfig
 
-STAGES = ("lq-ddpm", "lq-munit", "hq-ddpm", "bicubic-ddpm")
-CONDITIONAL_STAGES = ("hq-ddpm", "bicubic-ddpm")
 PRESETS = ("cpu-demo", "paper")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 class ConfigError(ValueError):
     """A run that cannot start as asked: a bad setting, or a checkpoint it cannot continue."""
+
+
+def _stage(name: str):
+    """The record of stage ``name`` in ``dxr.training.stages.TABLE`` (ConfigError for another name)."""
+    from dxr.training import stages  # it builds on this module, so it is imported when first needed
+
+    return stages.get(name)
 
 
 # Fields a resumed run may change: how long it runs, where and how fast, and how often it reports.
@@ -92,8 +97,7 @@ class TrainConfig:
     munit: MUNITConfig = field(default_factory=MUNITConfig)
 
     def __post_init__(self):
-        if self.stage not in STAGES:
-            raise ConfigError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        _stage(self.stage)
         if self.preset not in PRESETS:
             raise ConfigError(f"preset must be one of {PRESETS}, got {self.preset!r}")
         if self.precision not in PRECISIONS:
@@ -147,12 +151,7 @@ def preset(name: str, stage: str = "lq-ddpm", **changes) -> TrainConfig:
         )
     else:
         raise ConfigError(f"preset must be one of {PRESETS}, got {name!r}")
-    if stage == "lq-munit":
-        base = dataclasses.replace(base, lr=base.munit.lr, warmup=0, grad_clip=0.0, ema=0.0)
-    if name == "cpu-demo" and stage == "lq-munit":
-        base = dataclasses.replace(base, batch_size=8)  # six networks a step: half the batch keeps it to minutes
-    if name == "cpu-demo" and stage in ("hq-ddpm", "bicubic-ddpm"):
-        base = dataclasses.replace(base, residual=True)  # a few hundred steps learn the residual far sooner
+    base = dataclasses.replace(base, **_stage(stage).settings(base))
     return replace(base, **changes)
 
 
@@ -160,7 +159,7 @@ def replace(config: TrainConfig, **changes) -> TrainConfig:
     """A copy of ``config`` with top-level ``changes``. The UNet follows the run: its image size is
     ``image_size``, and it takes a conditioning image exactly when the stage is conditional."""
     new = dataclasses.replace(config, **changes)
-    cond_channels = new.unet.in_channels if new.stage in CONDITIONAL_STAGES else 0
+    cond_channels = new.unet.in_channels if _stage(new.stage).conditional else 0
     new.unet = dataclasses.replace(new.unet, image_size=new.image_size, cond_channels=cond_channels)
     return new
 
@@ -254,12 +253,12 @@ def check_runnable(config: TrainConfig) -> None:
     an image size the network cannot take."""
     check_device(config.device)
     check_backend(config.backend, config.device)
-    munit = config.stage == "lq-munit"
+    stage = _stage(config.stage)
     try:
-        (config.munit if munit else config.unet).validate()
+        getattr(config, stage.network).validate()
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    if munit:
+    if stage.network == "munit":
         multiple = config.munit.size_multiple
         why = (f"MUNIT halves it up to {multiple.bit_length() - 1} times: munit.n_downsample, "
                "munit.style_downsample, munit.dis_layers + munit.dis_scales - 1")
@@ -271,8 +270,7 @@ def check_runnable(config: TrainConfig) -> None:
         nearest = f"{below} or {above}" if below else f"{above}"
         raise ConfigError(f"image_size {config.image_size} must be a multiple of {multiple} ({why}); "
                           f"try {nearest}")
-    if config.stage == "bicubic-ddpm" and config.bicubic_factor > config.image_size:
-        raise ConfigError(f"bicubic_factor {config.bicubic_factor} must not exceed image_size {config.image_size}")
+    stage.check(config)
 
 
 def differences(saved: TrainConfig, requested: TrainConfig) -> list[str]:

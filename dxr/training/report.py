@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -23,12 +24,20 @@ class MetricsLog:
     so the file reads as one uninterrupted run; None starts a new file. A last line cut short by a crash
     is dropped too, with a line in :attr:`notes`; an unreadable line before the last raises ValueError
     naming the file and line.
+
+    The logging window: :meth:`add` sums each step's losses (on their device, no host sync) and
+    :meth:`write_window` appends their means over the steps since the last record, with the steps per
+    second; :attr:`images_per_s` is that rate times ``images_per_step``. :meth:`window_state` is what a
+    checkpoint keeps of an open window, so that a resumed run logs what an uninterrupted one does.
     """
 
-    def __init__(self, folder: Path, resume_step: Optional[int] = None):
+    def __init__(self, folder: Path, resume_step: Optional[int] = None, *, images_per_step: int = 1):
         self.path = Path(folder) / METRICS
         self.records: list[dict] = []
         self.notes: list[str] = []
+        self.images_per_step = images_per_step
+        self.images_per_s: Optional[float] = None
+        self.open_window(resume_step or 0)
         if resume_step is not None and self.path.is_file():
             lines = self.path.read_text(errors="replace").splitlines()
             for number, line in enumerate(lines, 1):
@@ -52,6 +61,34 @@ class MetricsLog:
         self.records.append(record)
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
+
+    def open_window(self, start: int, sums: Optional[dict[str, float]] = None, *, device=None) -> None:
+        """Start a window at step ``start``, now; ``sums`` (a checkpoint's, as floats) continue one left open."""
+        self.window_start = start
+        self.sums = {k: torch.tensor(v, dtype=torch.float32, device=device) for k, v in (sums or {}).items()}
+        self.window_time = time.perf_counter()
+
+    def add(self, losses: dict[str, Tensor]) -> None:
+        """Add one step's losses to the window."""
+        for key, value in losses.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+
+    def write_window(self, step: int, **extra) -> dict:
+        """Append the record of the window ending after ``step``: the mean of every loss, ``extra``
+        (e.g. ``lr``), ``steps_per_s``; then open the next window. Returns the record."""
+        now = time.perf_counter()
+        window = step - self.window_start
+        steps_per_s = window / (now - self.window_time)
+        record = {"step": step, **{k: round(float(v) / window, 6) for k, v in self.sums.items()}, **extra,
+                  "steps_per_s": round(steps_per_s, 3)}
+        self.append(record)
+        self.images_per_s = steps_per_s * self.images_per_step
+        self.window_start, self.window_time, self.sums = step, now, {}
+        return record
+
+    def window_state(self) -> dict:
+        """The open window as a checkpoint keeps it: its first step and its sums as floats."""
+        return {"start": self.window_start, "sums": {k: float(v) for k, v in self.sums.items()}}
 
     def series(self) -> dict[str, list[tuple[int, float]]]:
         """(step, value) per loss name: every logged key without a "/" except bookkeeping ones."""
