@@ -18,6 +18,11 @@
    TFLOP/s with their share of the measured copy bandwidth or matmul peak; speedups over eager,
    torch.compile and (attention) SDPA flash; peak memory of attention.
 4. The performance goals of the kernels, reported as met or not met.
+5. End to end (``bench/e2e.py``, on by default on a GPU, ``--e2e on`` on a CPU, ``--e2e only`` for this part
+   alone): UNet and MUNIT training steps, DDPM 1000 / DDIM 50 sampling at batch 1 and 16, one 2048²
+   radiograph restored, on every backend in NCHW and channels_last (samplers also with ``cuda_graph=True``
+   where they take it): median ms, images/s, peak memory, speedups over eager and torch.compile in the same
+   layout, channels_last over NCHW, peak memory over eager's.
 
 Writes ``<out>/<device>-<date>.json`` and ``.md`` (``-quick`` added with --quick) and prints the tables.
 Each op and backend stands alone: a backend that cannot run here (no extension built, a kernel module
@@ -52,11 +57,13 @@ for _path in (BENCH, REPO / "tests"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
+import e2e  # noqa: E402
 import workloads as wl  # noqa: E402
 from helpers import assert_close, tol  # noqa: E402
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 ALL_BACKENDS = ("eager", "compile", *wl.SDPA_BACKENDS, *wl.KERNEL_BACKENDS)
+E2E_CHOICES = ("auto", "on", "off", "only")
 
 
 @dataclass(frozen=True)
@@ -421,7 +428,31 @@ def markdown(result: dict) -> str:
                     [[g["goal"], g["case"], g["backend"], _fmt(g["value"]), _fmt(g["target"]),
                       "not measured" if g["met"] is None else ("met" if g["met"] else "not met")]
                      for g in result["goals"]]) if result["goals"] else ["No kernel backend was timed."]
+    if result.get("e2e"):
+        lines += ["", *_e2e_markdown(result["e2e"])]
     return "\n".join(lines) + "\n"
+
+
+def _e2e_markdown(rows: list) -> list:
+    """The end-to-end section: the timed variants, then the ones that did not run, grouped by reason."""
+    timed = [r for r in rows if "skipped" not in r]
+    lines = ["## End to end (median ms of a few calls after a warm-up call)", "",
+             "× eager and × compile: speedup over that backend in the same layout (no CUDA graph); "
+             "× NCHW: channels_last over the same variant in NCHW; memory: peak (max_memory_allocated over the "
+             "timed calls, weights and optimizer state included) over eager's.", ""]
+    lines += _table(["case", "variant", "ms", "images/s", "× eager", "× compile", "× NCHW", "peak MiB", "memory × eager"],
+                    [[r["case"], e2e.variant_label(r), _fmt(r.get("ms"), 1) if "ms" in r else r["error"],
+                      _fmt(r.get("images_per_s"), 2), _fmt(r.get("x_eager")), _fmt(r.get("x_compile")),
+                      _fmt(r.get("x_nchw")), _fmt(r.get("peak_mib"), 0), _fmt(r.get("mem_vs_eager"))]
+                     for r in timed]) if timed else ["No end-to-end variant ran."]
+    reasons = {}
+    for r in rows:
+        if "skipped" in r:
+            reasons.setdefault(r["skipped"], []).append(f"{r['case']} {e2e.variant_label(r)}")
+    if reasons:
+        lines += ["", "Did not run:", ""]
+        lines += [f"- {why}: {len(which)} variant(s), e.g. {which[0]}" for why, which in reasons.items()]
+    return lines
 
 
 # --------------------------------------------------------------------------------------------------
@@ -448,6 +479,9 @@ def parse_args(argv: list) -> argparse.Namespace:
     parser.add_argument("--backends", default=",".join(ALL_BACKENDS),
                         type=lambda s: _names(s, ALL_BACKENDS, "--backends"),
                         help=f"comma-separated subset of {','.join(ALL_BACKENDS)}")
+    parser.add_argument("--e2e", default="auto", choices=E2E_CHOICES,
+                        help="the end-to-end cases (bench/e2e.py): auto (on a GPU, not on a CPU), on, off, "
+                             "or only (them and the peaks, no op checks or op timings)")
     parser.add_argument("--out", type=Path, default=BENCH / "results", help="folder for the .json and .md")
     return parser.parse_args(argv)
 
@@ -470,7 +504,7 @@ def run(args: argparse.Namespace, result: dict) -> None:
     budget_s, min_reps = (0.2, 5) if device.type == "cuda" else (0.05, 3)
     missing = {}
     kernels = [b for b in wl.KERNEL_BACKENDS if b in args.backends]
-    for op in args.ops:
+    for op in (() if args.e2e == "only" else args.ops):
         for i, case in enumerate(wl.cases(op, device.type, args.quick)):
             with _nvtx(f"{op} {case}", device):
                 for backend in kernels:
@@ -483,6 +517,44 @@ def run(args: argparse.Namespace, result: dict) -> None:
                 result["missing"] = [{"op": o, "backend": b, "reason": why} for (o, b), why in missing.items()]
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    if args.e2e == "on" or args.e2e == "only" or (args.e2e == "auto" and device.type == "cuda"):
+        with _nvtx("end to end", device):
+            time_e2e(device, args.quick, args.backends, result["e2e"])
+
+
+def time_e2e(device: torch.device, quick: bool, selected: tuple, rows: list) -> None:
+    """Every variant of every end-to-end case that runs on this device, appended to ``rows`` as it is timed:
+    what ran (``e2e.Run.info``), median ms of a few calls after a warm-up call, images/s, peak memory; or
+    ``skipped`` with the reason, or the ``error`` it raised."""
+    reps = 3 if device.type == "cuda" else 2
+    for entry in e2e.cases(device.type, quick):
+        if entry.case is None:
+            continue
+        for backend, layout, cuda_graph in e2e.variants(entry.workload):
+            if backend not in selected:
+                continue
+            row = {"case": str(entry.case), "workload": entry.workload, "backend": backend, "layout": layout,
+                   "cuda_graph": cuda_graph}
+            label = f"{entry.case} {e2e.variant_label(row)}"
+            with _nvtx(f"e2e {label}", device):
+                try:
+                    run_ = e2e.build(entry.case, backend, layout, device, cuda_graph=cuda_graph)
+                    out = run_.fn()  # compiles, autotunes, allocates
+                    wl.synchronize(device)
+                    if e2e.finite(out):
+                        row.update(run_.info, **e2e.measure(run_, device, reps=reps))
+                    else:
+                        row["error"] = "non-finite output"
+                    del run_, out
+                except wl.Unavailable as err:
+                    row["skipped"] = str(err)
+                except Exception as err:  # one variant's failure is reported; the others still run
+                    row["error"] = _error_text(err)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            _say(f"  e2e   {label:70s} " + (f"{row['ms']:.1f} ms" if "ms" in row else
+                                            row.get("error") or f"skipped: {row['skipped']}"))
+            rows.append(row)
 
 
 def _check_all(case: wl.Case, backend: str, device: torch.device, index: int, missing: dict) -> list:
@@ -510,6 +582,7 @@ def failures(result: dict) -> list:
     """Failed checks, kernel errors while timing, and errors that stopped the run."""
     return ([c for c in result["checks"] if not c["passed"]]
             + [r for r in result["timings"] if "error" in r and r["backend"] in wl.KERNEL_BACKENDS]
+            + [r for r in result.get("e2e", []) if "error" in r]
             + result["errors"])
 
 
@@ -532,7 +605,7 @@ def main(argv: Optional[list] = None) -> int:
         return 2
     result = {"meta": environment(device, argv, args.quick),
               "timing_dtype": str(timing_dtype(device)).removeprefix("torch."),
-              "peaks": None, "checks": [], "missing": [], "timings": [], "goals": [], "errors": []}
+              "peaks": None, "checks": [], "missing": [], "timings": [], "goals": [], "e2e": [], "errors": []}
     try:
         run(args, result)
     except Exception as err:  # still write what there is: the record of a broken run is evidence too
@@ -541,6 +614,7 @@ def main(argv: Optional[list] = None) -> int:
     if result["peaks"] is not None:
         derive(result["timings"], result["peaks"])
         result["goals"] = evaluate_goals(result["timings"])
+    e2e.derive(result["e2e"])
     json_path, md_path = write(result, args.out)
     print(md_path.read_text())
     bad = failures(result)
