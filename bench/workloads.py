@@ -2,9 +2,11 @@
 
 Shared by the pytest-benchmark suites (``bench/test_bench_*.py``) and ``bench/gpu_check.py``.
 
-A :class:`Case` is one op at one shape. :func:`cases` lists them: shapes taken from diffusion UNets
-(and the MUNIT decoder for AdaIN) on a GPU, modest ones on a CPU, tiny ones for ``gpu_check --device
-cpu --quick``. :func:`runner` builds the zero-argument callable that is timed, for one backend:
+Each op is one :class:`OpWorkload` record in :data:`WORKLOADS`: its cases, how to make its inputs and call
+it, its labels, traffic and arithmetic; a new op is one more record there. A :class:`Case` is one op at one
+shape. :func:`cases` lists them: shapes taken from diffusion UNets (and the MUNIT decoder for AdaIN) on a
+GPU, modest ones on a CPU, tiny ones for ``gpu_check --device cpu --quick``. :func:`runner` builds the
+zero-argument callable that is timed, for one backend:
 
 - "triton", "cuda": the fused kernels through the public ``dxr.ops`` API;
 - "eager": the eager reference ``dxr.kernels.reference`` (the baseline);
@@ -33,20 +35,9 @@ from torch import Tensor
 from dxr import ops
 from dxr.kernels import reference
 
-OPS = ("group_norm_silu", "adain", "q_sample", "ddpm_step", "ddim_step", "attention")
 KERNEL_BACKENDS = ("triton", "cuda")
 SDPA_BACKENDS = ("sdpa_flash", "sdpa_efficient")
 FWD, BWD, FWD_BWD = "fwd", "bwd", "fwd+bwd"
-
-# the inputs that get gradients, per op; the samplers have none
-GRAD_INPUTS = {
-    "group_norm_silu": ("x", "weight", "bias"),
-    "adain": ("x", "scale", "shift"),
-    "attention": ("q", "k", "v"),
-    "q_sample": (),
-    "ddpm_step": (),
-    "ddim_step": (),
-}
 NUM_STEPS = 1000  # length of the noise schedule the sampler cases use
 SEED = 1234  # seed of the in-kernel (and the reference's) noise in the timed sampler steps
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the pytest suites run
@@ -79,14 +70,7 @@ class Case:
         return str(self).replace(" ", "_")
 
     def __str__(self) -> str:
-        if self.op == "attention":
-            b, h, lq, lk, d = self.shape
-            lengths = f"L{lq}" if lq == lk else f"Lq{lq} Lk{lk}"
-            return f"B{b} H{h} {lengths} D{d}"
-        label = "x".join(map(str, self.shape))
-        if self.channels_last:
-            label += " channels_last"
-        return " ".join([label, *(f"{name}={value}" for name, value in self.options)])
+        return WORKLOADS[self.op].label(self)
 
 
 def _norm(op, *shapes, channels_last=(), **options):
@@ -102,50 +86,218 @@ def _attention(*shapes):
     return [Case("attention", s) for s in shapes]
 
 
-# (device type, quick) -> cases per op
-_CASES = {
-    ("cuda", False): {
-        "group_norm_silu": _norm("group_norm_silu", (8, 128, 64, 64), (1, 512, 32, 32), (16, 256, 32, 32),
-                                 channels_last=[(8, 128, 64, 64)], num_groups=32),
-        "adain": _norm("adain", (1, 256, 64, 64), (8, 256, 64, 64), channels_last=[(8, 256, 64, 64)]),
-        "q_sample": _sampler("q_sample", (16, 3, 256, 256), (8, 1, 256, 256)),
-        "ddpm_step": _sampler("ddpm_step", (16, 3, 256, 256), (8, 1, 256, 256)),
-        "ddim_step": _sampler("ddim_step", (16, 3, 256, 256), (8, 1, 256, 256), eta=0.0)
-                     + _sampler("ddim_step", (16, 3, 256, 256), eta=1.0),
-        "attention": _attention((8, 8, 256, 256, 64), (4, 8, 1024, 1024, 64), (1, 16, 4096, 4096, 64),
-                                (4, 8, 1024, 1024, 128), (1, 16, 4096, 4096, 128)),
-    },
-    ("cuda", True): {
-        "group_norm_silu": _norm("group_norm_silu", (1, 512, 32, 32), (16, 256, 32, 32), num_groups=32),
-        "adain": _norm("adain", (8, 256, 64, 64)),
-        "q_sample": _sampler("q_sample", (16, 3, 256, 256)),
-        "ddpm_step": _sampler("ddpm_step", (16, 3, 256, 256)),
-        "ddim_step": _sampler("ddim_step", (16, 3, 256, 256), eta=0.0),
-        "attention": _attention((4, 8, 1024, 1024, 64), (1, 16, 4096, 4096, 128)),
-    },
-    ("cpu", False): {
-        "group_norm_silu": _norm("group_norm_silu", (1, 512, 32, 32), num_groups=32),
-        "adain": _norm("adain", (1, 256, 64, 64)),
-        "q_sample": _sampler("q_sample", (8, 1, 256, 256)),
-        "ddpm_step": _sampler("ddpm_step", (8, 1, 256, 256)),
-        "ddim_step": _sampler("ddim_step", (8, 1, 256, 256), eta=0.0),
-        "attention": _attention((2, 8, 256, 256, 64)),
-    },
-    # small enough for the Triton interpreter: 4 channels per group, ragged attention lengths
-    ("cpu", True): {
-        "group_norm_silu": _norm("group_norm_silu", (2, 32, 8, 8), channels_last=[(2, 32, 8, 8)], num_groups=8),
-        "adain": _norm("adain", (2, 16, 8, 8)),
-        "q_sample": _sampler("q_sample", (2, 3, 16, 16)),
-        "ddpm_step": _sampler("ddpm_step", (2, 3, 16, 16)),
-        "ddim_step": _sampler("ddim_step", (2, 3, 16, 16), eta=1.0),
-        "attention": _attention((1, 2, 40, 72, 32)),
-    },
-}
+# --------------------------------------------------------------------------------------------------
+# what each op needs: its inputs, its call, its labels, its traffic and arithmetic
+
+
+def _shape_label(case: Case) -> str:
+    """"8x128x64x64 channels_last num_groups=32"."""
+    label = "x".join(map(str, case.shape))
+    if case.channels_last:
+        label += " channels_last"
+    return " ".join([label, *(f"{name}={value}" for name, value in case.options)])
+
+
+def _attention_label(case: Case) -> str:
+    """"B4 H8 L1024 D64", or "... Lq40 Lk72 ..." when the lengths differ."""
+    b, h, lq, lk, d = case.shape
+    lengths = f"L{lq}" if lq == lk else f"Lq{lq} Lk{lk}"
+    return f"B{b} H{h} {lengths} D{d}"
+
+
+def _schedule(device) -> Tensor:
+    """ᾱ_t of the linear β schedule of Ho et al. (β from 1e-4 to 0.02), float32."""
+    betas = torch.linspace(1e-4, 0.02, NUM_STEPS, dtype=torch.float64)
+    return torch.cumprod(1 - betas, 0).to(device=device, dtype=torch.float32)
+
+
+# input makers: (case, normal(*shape, layout=False), generator, device) -> tensors by argument name
+
+
+def _group_norm_inputs(case, normal, gen, device) -> dict:
+    c = case.shape[1]
+    return {"x": normal(*case.shape, layout=True), "weight": normal(c), "bias": normal(c),
+            "dy": normal(*case.shape, layout=True)}
+
+
+def _adain_inputs(case, normal, gen, device) -> dict:
+    n, c = case.shape[:2]
+    return {"x": normal(*case.shape, layout=True), "scale": normal(n, c), "shift": normal(n, c),
+            "dy": normal(*case.shape, layout=True)}
+
+
+def _sampler_inputs(case, normal, gen, device) -> dict:
+    t = torch.randint(1, NUM_STEPS, (case.shape[0],), generator=gen, device=device)
+    return {"x": normal(*case.shape), "other": normal(*case.shape), "noise": normal(*case.shape), "t": t,
+            "alphas_cumprod": _schedule(device)}
+
+
+def _ddim_inputs(case, normal, gen, device) -> dict:
+    inputs = _sampler_inputs(case, normal, gen, device)
+    inputs["t_prev"] = (inputs["t"] - NUM_STEPS // 50).clamp(min=-1)
+    return inputs
+
+
+def _attention_inputs(case, normal, gen, device) -> dict:
+    b, h, lq, lk, d = case.shape
+    return {"q": normal(b, h, lq, d), "k": normal(b, h, lk, d), "v": normal(b, h, lk, d), "dy": normal(b, h, lq, d)}
+
+
+# calls: (fn, case, inputs, draw_noise) -> output, where fn is dxr.ops.<op> (with its backend bound), the
+# reference or its compiled copy
+
+
+def _noise(inputs: dict, draw_noise: bool) -> dict:
+    """The steps' noise argument: drawn by the op from SEED, or the inputs' explicit z."""
+    return {"seed": SEED} if draw_noise else {"noise": inputs["noise"]}
+
+
+def _group_norm_call(fn, case, inputs, draw_noise):
+    return fn(inputs["x"], case.kwargs["num_groups"], inputs["weight"], inputs["bias"])
+
+
+def _adain_call(fn, case, inputs, draw_noise):
+    return fn(inputs["x"], inputs["scale"], inputs["shift"])
+
+
+def _q_sample_call(fn, case, inputs, draw_noise):
+    return fn(inputs["x"], inputs["noise"], inputs["t"], inputs["alphas_cumprod"])
+
+
+def _ddpm_call(fn, case, inputs, draw_noise):
+    return fn(inputs["x"], inputs["other"], inputs["t"], inputs["alphas_cumprod"], **_noise(inputs, draw_noise))
+
+
+def _ddim_call(fn, case, inputs, draw_noise):
+    return fn(inputs["x"], inputs["other"], inputs["t"], inputs["t_prev"], inputs["alphas_cumprod"],
+              eta=case.kwargs["eta"], **_noise(inputs, draw_noise))
+
+
+def _attention_call(fn, case, inputs, draw_noise):
+    return fn(inputs["q"], inputs["k"], inputs["v"])
+
+
+# minimal traffic: (case, element size, mode) -> bytes
+
+
+def _norm_traffic(params: Callable[[Case], int]) -> Callable[[Case, int, str], int]:
+    """Forward reads x and writes y; backward reads x and dy and writes dx; the per-channel (per-sample)
+    parameters and their gradients are counted too, the float32 statistics are not."""
+    def traffic(case: Case, e: int, mode: str) -> int:
+        n, p = math.prod(case.shape), params(case)
+        fwd, bwd = (2 * n + 2 * p) * e, (3 * n + 4 * p) * e
+        return {FWD: fwd, BWD: bwd, FWD_BWD: fwd + bwd}[mode]
+
+    return traffic
+
+
+def _sampler_traffic(case: Case, e: int, mode: str) -> int:
+    """Two tensors read (x0 and the noise, or x_t and the model output, the noise drawn in-kernel), one written."""
+    return 3 * math.prod(case.shape) * e
+
+
+def _no_count(*args) -> None:
+    return None
+
+
+# the Triton plans: (case, device, backward) -> whether the launch code picks the split path, which reads x
+# (and dy) a second time
+
+
+def _group_norm_splits(case: Case, device, backward: bool) -> bool:
+    from dxr.kernels.triton import group_norm as kernels
+
+    n, c, s = case.shape[0], case.shape[1], math.prod(case.shape[2:])
+    return not kernels.choose_plan(n, c, s, case.kwargs["num_groups"], backward=backward, device=device).onchip
+
+
+def _adain_splits(case: Case, device, backward: bool) -> bool:
+    from dxr.kernels.triton import adain as kernels
+
+    n, c, s = case.shape[0], case.shape[1], math.prod(case.shape[2:])
+    return kernels.choose_config(n, c, s, case.channels_last, device, backward=backward).split
+
+
+def _attention_flops(case: Case, mode: str) -> int:
+    """4·B·H·Lq·Lk·D forward (two matmuls), 2.5× that backward."""
+    b, h, lq, lk, d = case.shape
+    fwd = 4 * b * h * lq * lk * d
+    return {FWD: fwd, BWD: fwd * 5 // 2, FWD_BWD: fwd * 7 // 2}[mode]
+
+
+@dataclass(frozen=True)
+class OpWorkload:
+    """Everything the benchmarks know of one op; one record per op in :data:`WORKLOADS`."""
+
+    name: str
+    grad_inputs: tuple  # the inputs that get gradients; () for an op timed forward only
+    lead: str  # the input whose device decides whether a backend can run
+    make_inputs: Callable[..., dict]  # (case, normal, generator, device) -> tensors by argument name
+    call: Callable[..., Tensor]  # (fn, case, inputs, draw_noise) -> the output of fn on inputs
+    cases: dict  # (device type, quick) -> the cases: "cuda" or "cpu", quick ones fewer (tiny on a CPU)
+    label: Callable[[Case], str] = _shape_label
+    traffic: Callable[[Case, int, str], Optional[int]] = _no_count  # minimal bytes, for an element size
+    splits: Optional[Callable[[Case, torch.device, bool], bool]] = None  # the Triton plan reads its inputs twice
+    flops: Callable[[Case, str], Optional[int]] = _no_count
+    extra_backends: tuple = ()  # baselines beyond eager and compile
+
+
+# shapes from diffusion UNets (and the MUNIT decoder for AdaIN) on a GPU, modest ones on a CPU, and for the CPU's
+# quick run ones small enough for the Triton interpreter (4 channels per group, ragged attention lengths)
+WORKLOADS = {w.name: w for w in (
+    OpWorkload(
+        "group_norm_silu", ("x", "weight", "bias"), "x", _group_norm_inputs, _group_norm_call,
+        cases={("cuda", False): _norm("group_norm_silu", (8, 128, 64, 64), (1, 512, 32, 32), (16, 256, 32, 32),
+                                      channels_last=[(8, 128, 64, 64)], num_groups=32),
+               ("cuda", True): _norm("group_norm_silu", (1, 512, 32, 32), (16, 256, 32, 32), num_groups=32),
+               ("cpu", False): _norm("group_norm_silu", (1, 512, 32, 32), num_groups=32),
+               ("cpu", True): _norm("group_norm_silu", (2, 32, 8, 8), channels_last=[(2, 32, 8, 8)], num_groups=8)},
+        traffic=_norm_traffic(lambda case: case.shape[1]), splits=_group_norm_splits),
+    OpWorkload(
+        "adain", ("x", "scale", "shift"), "x", _adain_inputs, _adain_call,
+        cases={("cuda", False): _norm("adain", (1, 256, 64, 64), (8, 256, 64, 64), channels_last=[(8, 256, 64, 64)]),
+               ("cuda", True): _norm("adain", (8, 256, 64, 64)),
+               ("cpu", False): _norm("adain", (1, 256, 64, 64)),
+               ("cpu", True): _norm("adain", (2, 16, 8, 8))},
+        traffic=_norm_traffic(lambda case: case.shape[0] * case.shape[1]), splits=_adain_splits),
+    OpWorkload(
+        "q_sample", (), "x", _sampler_inputs, _q_sample_call,
+        cases={("cuda", False): _sampler("q_sample", (16, 3, 256, 256), (8, 1, 256, 256)),
+               ("cuda", True): _sampler("q_sample", (16, 3, 256, 256)),
+               ("cpu", False): _sampler("q_sample", (8, 1, 256, 256)),
+               ("cpu", True): _sampler("q_sample", (2, 3, 16, 16))},
+        traffic=_sampler_traffic),
+    OpWorkload(
+        "ddpm_step", (), "x", _sampler_inputs, _ddpm_call,
+        cases={("cuda", False): _sampler("ddpm_step", (16, 3, 256, 256), (8, 1, 256, 256)),
+               ("cuda", True): _sampler("ddpm_step", (16, 3, 256, 256)),
+               ("cpu", False): _sampler("ddpm_step", (8, 1, 256, 256)),
+               ("cpu", True): _sampler("ddpm_step", (2, 3, 16, 16))},
+        traffic=_sampler_traffic),
+    OpWorkload(
+        "ddim_step", (), "x", _ddim_inputs, _ddim_call,
+        cases={("cuda", False): _sampler("ddim_step", (16, 3, 256, 256), (8, 1, 256, 256), eta=0.0)
+                                + _sampler("ddim_step", (16, 3, 256, 256), eta=1.0),
+               ("cuda", True): _sampler("ddim_step", (16, 3, 256, 256), eta=0.0),
+               ("cpu", False): _sampler("ddim_step", (8, 1, 256, 256), eta=0.0),
+               ("cpu", True): _sampler("ddim_step", (2, 3, 16, 16), eta=1.0)},
+        traffic=_sampler_traffic),
+    OpWorkload(
+        "attention", ("q", "k", "v"), "q", _attention_inputs, _attention_call,
+        cases={("cuda", False): _attention((8, 8, 256, 256, 64), (4, 8, 1024, 1024, 64), (1, 16, 4096, 4096, 64),
+                                           (4, 8, 1024, 1024, 128), (1, 16, 4096, 4096, 128)),
+               ("cuda", True): _attention((4, 8, 1024, 1024, 64), (1, 16, 4096, 4096, 128)),
+               ("cpu", False): _attention((2, 8, 256, 256, 64)),
+               ("cpu", True): _attention((1, 2, 40, 72, 32))},
+        label=_attention_label, flops=_attention_flops, extra_backends=SDPA_BACKENDS),
+)}
+OPS = tuple(WORKLOADS)
+GRAD_INPUTS = {name: w.grad_inputs for name, w in WORKLOADS.items()}  # the inputs that get gradients, per op
 
 
 def cases(op: str, device_type: str, quick: bool = False) -> list:
     """The cases of ``op`` for a device type ("cuda" or "cpu"); ``quick`` gives fewer (tiny on a CPU)."""
-    return _CASES[("cuda" if device_type == "cuda" else "cpu", quick)][op]
+    return WORKLOADS[op].cases[("cuda" if device_type == "cuda" else "cpu", quick)]
 
 
 def modes(op: str) -> tuple:
@@ -155,18 +307,11 @@ def modes(op: str) -> tuple:
 
 def backends(op: str) -> tuple:
     """Every backend that can run ``op``, baselines first."""
-    extra = SDPA_BACKENDS if op == "attention" else ()
-    return ("eager", "compile", *extra, *KERNEL_BACKENDS)
+    return ("eager", "compile", *WORKLOADS[op].extra_backends, *KERNEL_BACKENDS)
 
 
 # --------------------------------------------------------------------------------------------------
 # inputs
-
-
-def _schedule(device) -> Tensor:
-    """ᾱ_t of the linear β schedule of Ho et al. (β from 1e-4 to 0.02), float32."""
-    betas = torch.linspace(1e-4, 0.02, NUM_STEPS, dtype=torch.float64)
-    return torch.cumprod(1 - betas, 0).to(device=device, dtype=torch.float32)
 
 
 def make_inputs(case: Case, dtype: torch.dtype, device, seed: int = 0) -> dict:
@@ -183,22 +328,7 @@ def make_inputs(case: Case, dtype: torch.dtype, device, seed: int = 0) -> dict:
         t = torch.randn(shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
         return t.to(memory_format=torch.channels_last) if layout and case.channels_last else t
 
-    if case.op == "attention":
-        b, h, lq, lk, d = case.shape
-        return {"q": normal(b, h, lq, d), "k": normal(b, h, lk, d), "v": normal(b, h, lk, d), "dy": normal(b, h, lq, d)}
-    n, c = case.shape[:2]
-    if case.op == "group_norm_silu":
-        return {"x": normal(*case.shape, layout=True), "weight": normal(c), "bias": normal(c),
-                "dy": normal(*case.shape, layout=True)}
-    if case.op == "adain":
-        return {"x": normal(*case.shape, layout=True), "scale": normal(n, c), "shift": normal(n, c),
-                "dy": normal(*case.shape, layout=True)}
-    t = torch.randint(1, NUM_STEPS, (n,), generator=gen, device=device)
-    inputs = {"x": normal(*case.shape), "other": normal(*case.shape), "noise": normal(*case.shape), "t": t,
-              "alphas_cumprod": _schedule(device)}
-    if case.op == "ddim_step":
-        inputs["t_prev"] = (t - NUM_STEPS // 50).clamp(min=-1)
-    return inputs
+    return WORKLOADS[case.op].make_inputs(case, normal, gen, device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -229,33 +359,21 @@ def forward(case: Case, backend: str, inputs: dict, *, draw_noise: bool = True) 
     The samplers draw their noise from ``SEED`` when ``draw_noise`` (the reference with
     ``torch.randn``, the kernels in-kernel), else take ``inputs["noise"]``.
     """
-    op, kw = case.op, case.kwargs
+    op, workload = case.op, WORKLOADS[case.op]
     if backend in KERNEL_BACKENDS:
-        fn, extra = getattr(ops, op), {"backend": backend}
+        fn = functools.partial(getattr(ops, op), backend=backend)
     elif backend in ("eager", "compile"):
-        fn, extra = (getattr(reference, op) if backend == "eager" else _compiled(op)), {}
-    elif backend in SDPA_BACKENDS and op == "attention":
+        fn = getattr(reference, op) if backend == "eager" else _compiled(op)
+    elif backend in SDPA_BACKENDS and backend in workload.extra_backends:
         return _sdpa(backend, inputs["q"], inputs["k"], inputs["v"])
     else:
         raise ValueError(f"no backend {backend!r} for {op}")
-    if op == "group_norm_silu":
-        return fn(inputs["x"], kw["num_groups"], inputs["weight"], inputs["bias"], **extra)
-    if op == "adain":
-        return fn(inputs["x"], inputs["scale"], inputs["shift"], **extra)
-    if op == "attention":
-        return fn(inputs["q"], inputs["k"], inputs["v"], **extra)
-    x, other, t, ac = inputs["x"], inputs["other"], inputs["t"], inputs["alphas_cumprod"]
-    if op == "q_sample":
-        return fn(x, inputs["noise"], t, ac, **extra)
-    noise = {"seed": SEED} if draw_noise else {"noise": inputs["noise"]}
-    if op == "ddpm_step":
-        return fn(x, other, t, ac, **noise, **extra)
-    return fn(x, other, t, inputs["t_prev"], ac, eta=kw["eta"], **noise, **extra)
+    return workload.call(fn, case, inputs, draw_noise)
 
 
 def probe(case: Case, backend: str, inputs: dict) -> None:
     """Raise :class:`Unavailable` when ``backend`` cannot run ``case`` on these inputs' device."""
-    lead = inputs["q"] if case.op == "attention" else inputs["x"]
+    lead = inputs[WORKLOADS[case.op].lead]
     if backend in KERNEL_BACKENDS:
         try:
             ops.resolve_backend(backend, case.op, lead)
@@ -328,16 +446,7 @@ def traffic_bytes(case: Case, dtype: torch.dtype, mode: str) -> Optional[int]:
     Samplers: q_sample reads x0 and the noise, the steps read x_t and the model output and draw their
     noise in-kernel (no traffic); each writes its result.
     """
-    if case.op == "attention":
-        return None
-    e = torch.empty((), dtype=dtype).element_size()
-    n = math.prod(case.shape)
-    params = case.shape[1] if case.op == "group_norm_silu" else case.shape[0] * case.shape[1]
-    if case.op in ("group_norm_silu", "adain"):
-        fwd = (2 * n + 2 * params) * e
-        bwd = (3 * n + 4 * params) * e
-        return {FWD: fwd, BWD: bwd, FWD_BWD: fwd + bwd}[mode]
-    return 3 * n * e
+    return WORKLOADS[case.op].traffic(case, torch.empty((), dtype=dtype).element_size(), mode)
 
 
 def planned_bytes(case: Case, dtype: torch.dtype, mode: str, device) -> Optional[int]:
@@ -349,38 +458,20 @@ def planned_bytes(case: Case, dtype: torch.dtype, mode: str, device) -> Optional
     noise in-kernel, so they move the minimum. Set beside a measured time, this says how much of the gap
     to the copy bandwidth is the plan's second read (which L2 may serve) and how much the kernel's.
     """
-    if case.op == "attention":
-        return None
     minimal = traffic_bytes(case, dtype, mode)
-    if case.op not in ("group_norm_silu", "adain"):
+    splits = WORKLOADS[case.op].splits
+    if minimal is None or splits is None:
         return minimal
-    from dxr.kernels.triton import adain as adain_kernels
-    from dxr.kernels.triton import group_norm as group_norm_kernels
-
-    e = torch.empty((), dtype=dtype).element_size()
-    n_, c = case.shape[0], case.shape[1]
-    s, n = math.prod(case.shape[2:]), math.prod(case.shape)
-
+    tensor = math.prod(case.shape) * torch.empty((), dtype=dtype).element_size()
     device = torch.device(device)
-
-    def split(backward: bool) -> bool:
-        if case.op == "group_norm_silu":
-            plan = group_norm_kernels.choose_plan(n_, c, s, case.kwargs["num_groups"], backward=backward, device=device)
-            return not plan.onchip
-        return adain_kernels.choose_config(n_, c, s, case.channels_last, device, backward=backward).split
-
-    extra = {FWD: split(False) * n * e, BWD: split(True) * 2 * n * e}
+    extra = {FWD: splits(case, device, False) * tensor, BWD: splits(case, device, True) * 2 * tensor}
     extra[FWD_BWD] = extra[FWD] + extra[BWD]
     return minimal + extra[mode]
 
 
 def flops(case: Case, mode: str) -> Optional[int]:
     """Floating-point operations of attention: 4·B·H·Lq·Lk·D forward, 2.5× that backward (None otherwise)."""
-    if case.op != "attention":
-        return None
-    b, h, lq, lk, d = case.shape
-    fwd = 4 * b * h * lq * lk * d
-    return {FWD: fwd, BWD: fwd * 5 // 2, FWD_BWD: fwd * 7 // 2}[mode]
+    return WORKLOADS[case.op].flops(case, mode)
 
 
 # --------------------------------------------------------------------------------------------------
