@@ -144,7 +144,7 @@ PYBIND11_MODULE(_C, m) {
       [](int kind, int64_t n, int64_t s, int dtype, bool aligned, uintptr_t out, uintptr_t x, uintptr_t model,
          uintptr_t noise, uintptr_t t, int64_t t_stride, uintptr_t t_prev, int64_t t_prev_stride, uintptr_t schedule,
          int64_t schedule_stride, bool schedule64, int64_t num_steps, bool pred_v, bool clip, float clip_value,
-         bool large_var, float eta, uint64_t seed, int device, uintptr_t stream) {
+         bool large_var, float eta, uint64_t seed, uintptr_t seed_state, int device, uintptr_t stream) {
         dxr::StepArgs a{};
         a.kind = kind;
         a.n = n;
@@ -169,14 +169,17 @@ PYBIND11_MODULE(_C, m) {
         a.large_var = large_var;
         a.eta = eta;
         a.seed = seed;
+        a.seed_state = seed_state;
         dxr::sampler_step(a, device, stream);
       },
       py::arg("kind"), py::arg("n"), py::arg("s"), py::arg("dtype"), py::arg("aligned"), py::arg("out"), py::arg("x"),
       py::arg("model"), py::arg("noise"), py::arg("t"), py::arg("t_stride"), py::arg("t_prev"),
       py::arg("t_prev_stride"), py::arg("schedule"), py::arg("schedule_stride"), py::arg("schedule64"),
       py::arg("num_steps"), py::arg("pred_v"), py::arg("clip"), py::arg("clip_value"), py::arg("large_var"),
-      py::arg("eta"), py::arg("seed"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
-      "kind: 0 q_sample, 1 ddpm_step, 2 ddim_step; noise 0 draws z in-kernel from seed");
+      py::arg("eta"), py::arg("seed"), py::arg("seed_state"), py::arg("device"), py::arg("stream"),
+      py::call_guard<py::gil_scoped_release>(),
+      "kind: 0 q_sample, 1 ddpm_step, 2 ddim_step; noise 0 draws z in-kernel from seed, or from the int64 "
+      "(key, offset) at seed_state when that is not 0");
 
   m.def(
       "attention_fwd",

@@ -142,6 +142,7 @@ struct StepArgs {
   bool large_var;            // DDPM σ² = β_t (else β̃_t)
   float eta;                 // DDIM η
   uint64_t seed;             // Philox key of the in-kernel noise
+  uintptr_t seed_state;      // 0, or int64 (key, offset) on the device, read by the kernel in place of seed
 };
 
 void sampler_step(const StepArgs& a, int device, uintptr_t stream);

@@ -14,6 +14,10 @@
 // word as int32 folded to [0, 2³¹) times 2⁻³¹): the stream of the Triton kernels, a function of the
 // seed, S and the element's position only, so the same seed gives bitwise the same result. The sine and
 // cosine are the hardware's (__sincosf, absolute error below 1e-6 on [-π, π]).
+//
+// Seed in device memory (seed_state set): the kernel reads the key from seed_state[0] and an offset from
+// seed_state[1] into the upper counter words, (lo, hi, offset lo, offset hi); offset 0 is the int seed's
+// stream bit for bit. Nothing comes from the host, so a CUDA graph advancing the offset draws fresh noise.
 #include "common.cuh"
 
 namespace dxr {
@@ -39,6 +43,7 @@ struct StepKernelArgs {
   bool pred_v, clip, large_var, add_noise;
   float clip_value, eta;
   uint64_t seed;
+  const int64_t* seed_state;  // null, or (key, offset) on the device, read in place of seed
 };
 
 // per-sample coefficients, float32 (see the step kernels for their meaning)
@@ -113,9 +118,10 @@ __device__ __forceinline__ void box_muller(uint32_t b0, uint32_t b1, float& z0, 
   z1 = -r * s;
 }
 
-// the four normals of counter `counter`
-__device__ __forceinline__ void gaussian4(uint64_t seed, uint64_t counter, float (&z)[4]) {
-  const uint4 bits = philox(make_uint4(static_cast<uint32_t>(counter), static_cast<uint32_t>(counter >> 32), 0u, 0u),
+// the four normals of counter (counter, offset)
+__device__ __forceinline__ void gaussian4(uint64_t seed, uint64_t offset, uint64_t counter, float (&z)[4]) {
+  const uint4 bits = philox(make_uint4(static_cast<uint32_t>(counter), static_cast<uint32_t>(counter >> 32),
+                                       static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32)),
                             make_uint2(static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)));
   box_muller(bits.x, bits.y, z[0], z[1]);
   box_muller(bits.z, bits.w, z[2], z[3]);
@@ -154,9 +160,16 @@ __device__ __forceinline__ float predict_x0(float x, float m, const Coef& c, boo
 template <int KIND, typename T, typename A, bool WIDE, bool DRAW>
 __global__ void __launch_bounds__(kThreads) step_kernel(StepKernelArgs a) {
   __shared__ Coef shared_coef;
+  __shared__ uint64_t shared_seed[2];  // Philox key and counter offset of the in-kernel noise
   const int64_t n = blockIdx.x / a.chunks;
   const int64_t start = (blockIdx.x % a.chunks) * kBlockElements;
-  if (threadIdx.x == 0) shared_coef = coefficients<KIND, A>(a, n);
+  if (threadIdx.x == 0) {
+    shared_coef = coefficients<KIND, A>(a, n);
+    if constexpr (DRAW) {
+      shared_seed[0] = a.seed_state ? static_cast<uint64_t>(a.seed_state[0]) : a.seed;
+      shared_seed[1] = a.seed_state ? static_cast<uint64_t>(a.seed_state[1]) : 0u;
+    }
+  }
   __syncthreads();
   const Coef c = shared_coef;
   const int64_t sample = n * a.S;
@@ -177,7 +190,7 @@ __global__ void __launch_bounds__(kThreads) step_kernel(StepKernelArgs a) {
       float m[4], z[4] = {0.f, 0.f, 0.f, 0.f};
       load4<T, WIDE>(a.model, sample + i, valid, m);
       if (a.add_noise) {
-        if constexpr (DRAW) gaussian4(a.seed, counter0 + static_cast<uint64_t>(i / 4), z);
+        if constexpr (DRAW) gaussian4(shared_seed[0], shared_seed[1], counter0 + static_cast<uint64_t>(i / 4), z);
         else load4<T, WIDE>(a.noise, sample + i, valid, z);
       }
 #pragma unroll
@@ -262,6 +275,7 @@ void sampler_step(const StepArgs& a, int device, uintptr_t stream) {
   k.large_var = a.large_var;
   k.eta = a.eta;
   k.seed = a.seed;
+  k.seed_state = reinterpret_cast<const int64_t*>(a.seed_state);
   // DDPM always adds σ·z (σ = 0 at t = 0); DDIM only when η > 0
   k.add_noise = a.kind == kDdpm || (a.kind == kDdim && a.eta != 0.f);
   const bool draw = k.add_noise && a.noise == 0;

@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -431,20 +431,25 @@ def _q_sample_grad(ctx, dout):
 _q_sample.register_autograd(_q_sample_grad, setup_context=_q_sample_setup)
 
 
+# the seed reaches the custom ops as an int (``seed``) or, when it lives in device memory, as an int64
+# (key, offset) tensor (``seed_state``, which then wins)
+
+
 @torch.library.custom_op("dxr::ddpm_step", mutates_args=())
 def _ddpm_step(x_t: Tensor, model_out: Tensor, t: Tensor, alphas_cumprod: Tensor, prediction: str,
-               clip_x0: Optional[float], variance: str, noise: Optional[Tensor], seed: int, backend: str) -> Tensor:
+               clip_x0: Optional[float], variance: str, noise: Optional[Tensor], seed: int,
+               seed_state: Optional[Tensor], backend: str) -> Tensor:
     return _kernels(backend, "ddpm_step").ddpm_step(x_t, model_out, t, alphas_cumprod, prediction, clip_x0,
-                                                     variance, noise, seed)
+                                                     variance, noise, seed if seed_state is None else seed_state)
 
 
 @_ddpm_step.register_fake
-def _(x_t, model_out, t, alphas_cumprod, prediction, clip_x0, variance, noise, seed, backend):
+def _(x_t, model_out, t, alphas_cumprod, prediction, clip_x0, variance, noise, seed, seed_state, backend):
     return torch.empty_like(x_t)
 
 
 def _ddpm_step_setup(ctx, inputs, output):
-    x_t, model_out, t, alphas_cumprod, prediction, clip_x0, variance, noise, _seed, _backend = inputs
+    x_t, model_out, t, alphas_cumprod, prediction, clip_x0, variance, noise, _seed, _seed_state, _backend = inputs
     ctx.save_for_backward(x_t, model_out, t, alphas_cumprod)
     ctx.options = dict(prediction=prediction, clip_x0=clip_x0, variance=variance)
     ctx.dtypes = (x_t.dtype, model_out.dtype, None if noise is None else noise.dtype)
@@ -454,7 +459,7 @@ def _ddpm_step_grad(ctx, dout):
     x_t, model_out, t, alphas_cumprod = ctx.saved_tensors
     dx, dm, dz = reference.ddpm_step_vjp(dout, x_t, model_out, t, alphas_cumprod, **ctx.options)
     dz = dz.to(ctx.dtypes[2]) if ctx.dtypes[2] is not None else None
-    return dx.to(ctx.dtypes[0]), dm.to(ctx.dtypes[1]), None, None, None, None, None, dz, None, None
+    return dx.to(ctx.dtypes[0]), dm.to(ctx.dtypes[1]), None, None, None, None, None, dz, None, None, None
 
 
 _ddpm_step.register_autograd(_ddpm_step_grad, setup_context=_ddpm_step_setup)
@@ -462,18 +467,19 @@ _ddpm_step.register_autograd(_ddpm_step_grad, setup_context=_ddpm_step_setup)
 
 @torch.library.custom_op("dxr::ddim_step", mutates_args=())
 def _ddim_step(x_t: Tensor, model_out: Tensor, t: Tensor, t_prev: Tensor, alphas_cumprod: Tensor, eta: float,
-               prediction: str, clip_x0: Optional[float], noise: Optional[Tensor], seed: int, backend: str) -> Tensor:
+               prediction: str, clip_x0: Optional[float], noise: Optional[Tensor], seed: int,
+               seed_state: Optional[Tensor], backend: str) -> Tensor:
     return _kernels(backend, "ddim_step").ddim_step(x_t, model_out, t, t_prev, alphas_cumprod, eta, prediction,
-                                                     clip_x0, noise, seed)
+                                                     clip_x0, noise, seed if seed_state is None else seed_state)
 
 
 @_ddim_step.register_fake
-def _(x_t, model_out, t, t_prev, alphas_cumprod, eta, prediction, clip_x0, noise, seed, backend):
+def _(x_t, model_out, t, t_prev, alphas_cumprod, eta, prediction, clip_x0, noise, seed, seed_state, backend):
     return torch.empty_like(x_t)
 
 
 def _ddim_step_setup(ctx, inputs, output):
-    x_t, model_out, t, t_prev, alphas_cumprod, eta, prediction, clip_x0, noise, _seed, _backend = inputs
+    x_t, model_out, t, t_prev, alphas_cumprod, eta, prediction, clip_x0, noise, _seed, _seed_state, _backend = inputs
     ctx.save_for_backward(x_t, model_out, t, t_prev, alphas_cumprod)
     ctx.options = dict(eta=eta, prediction=prediction, clip_x0=clip_x0)
     ctx.dtypes = (x_t.dtype, model_out.dtype, None if noise is None else noise.dtype)
@@ -483,7 +489,7 @@ def _ddim_step_grad(ctx, dout):
     x_t, model_out, t, t_prev, alphas_cumprod = ctx.saved_tensors
     dx, dm, dz = reference.ddim_step_vjp(dout, x_t, model_out, t, t_prev, alphas_cumprod, **ctx.options)
     dz = dz.to(ctx.dtypes[2]) if ctx.dtypes[2] is not None else None
-    return dx.to(ctx.dtypes[0]), dm.to(ctx.dtypes[1]), None, None, None, None, None, None, dz, None, None
+    return dx.to(ctx.dtypes[0]), dm.to(ctx.dtypes[1]), None, None, None, None, None, None, dz, None, None, None
 
 
 _ddim_step.register_autograd(_ddim_step_grad, setup_context=_ddim_step_setup)
@@ -521,13 +527,18 @@ def _require_clip(clip_x0: Optional[float]) -> Optional[float]:
     return float(clip_x0)
 
 
-def _fresh_seed(seed: Optional[int]) -> int:
-    """The given seed, or one drawn from torch's default (CPU) generator: no device sync."""
+def _fresh_seed(seed, x: Tensor):
+    """The given seed (an int, or an int64 (key, offset) tensor on x's device), or an int drawn from torch's
+    default (CPU) generator: no device sync."""
     if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-            raise ValueError(f"seed must be an int in [0, 2**63) or None, got {seed!r}")
+        reference.check_seed(seed, x)
         return seed
     return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
+
+
+def _seed_operands(seed) -> tuple[int, Optional[Tensor]]:
+    """``seed`` as the custom ops' (int seed, seed_state) pair."""
+    return (0, seed) if isinstance(seed, Tensor) else (seed, None)
 
 
 def q_sample(x0: Tensor, noise: Tensor, t, alphas_cumprod: Tensor, *, backend: Optional[str] = None) -> Tensor:
@@ -545,13 +556,20 @@ def q_sample(x0: Tensor, noise: Tensor, t, alphas_cumprod: Tensor, *, backend: O
 
 def ddpm_step(x_t: Tensor, model_out: Tensor, t, alphas_cumprod: Tensor, *, prediction: str = "eps",
               clip_x0: Optional[float] = None, variance: str = "small", noise: Optional[Tensor] = None,
-              seed: Optional[int] = None, backend: Optional[str] = None) -> Tensor:
+              seed: Union[int, Tensor, None] = None, backend: Optional[str] = None) -> Tensor:
     """One ancestral DDPM step x_t → x_{t-1} (see ``reference.ddpm_step`` for the equations).
 
     ``noise`` is the z of the step; when None the kernels draw it in-kernel (Philox keyed by ``seed``;
     one counter gives four normals for four consecutive elements of a sample, see
     ``dxr.kernels.triton.sampler``), so pass a different seed at every step of a sampling loop.
     Same seed → same result on the same backend. t == 0 adds no noise.
+
+    ``seed`` may also live in device memory: an int64 tensor (key, offset) of shape (2,) on x_t's device,
+    read by the kernel (no host sync, so a CUDA graph replays it with whatever it holds then). Offset 0
+    draws exactly the noise of the int seed ``key``; each offset is another stream, so a loop that adds 1
+    to ``seed[1]`` after each step draws fresh noise. The "torch" backend draws the same Philox normals
+    (``reference.philox_normal``, within about 2e-6 of the kernels'). Raises ValueError for a seed tensor
+    of another dtype, shape or device.
     """
     _require_pair("x_t", x_t, "model_out", model_out)
     _require_pair("x_t", x_t, "noise", noise)
@@ -560,20 +578,22 @@ def ddpm_step(x_t: Tensor, model_out: Tensor, t, alphas_cumprod: Tensor, *, pred
     clip_x0 = _require_clip(clip_x0)
     alphas_cumprod = _require_schedule(alphas_cumprod, x_t)
     t = _require_timesteps("t", t, x_t.shape[0], alphas_cumprod.numel(), x_t.device)
-    seed = _fresh_seed(seed) if noise is None else 0
+    seed = _fresh_seed(seed, x_t) if noise is None else 0
     chosen = resolve_backend(backend, "ddpm_step", x_t, model_out)
     if chosen == "torch":
         return reference.ddpm_step(x_t, model_out, t, alphas_cumprod, prediction=prediction, clip_x0=clip_x0,
                                    variance=variance, noise=noise, seed=seed)
-    return _ddpm_step(x_t, model_out, t, alphas_cumprod, prediction, clip_x0, variance, noise, seed, chosen)
+    return _ddpm_step(x_t, model_out, t, alphas_cumprod, prediction, clip_x0, variance, noise,
+                      *_seed_operands(seed), chosen)
 
 
 def ddim_step(x_t: Tensor, model_out: Tensor, t, t_prev, alphas_cumprod: Tensor, *, eta: float = 0.0,
               prediction: str = "eps", clip_x0: Optional[float] = None, noise: Optional[Tensor] = None,
-              seed: Optional[int] = None, backend: Optional[str] = None) -> Tensor:
+              seed: Union[int, Tensor, None] = None, backend: Optional[str] = None) -> Tensor:
     """One DDIM step x_t → x_{t_prev}; ``t_prev < 0`` marks the final step (ᾱ_prev = 1).
 
-    ``eta = 0`` is deterministic; ``eta > 0`` adds σ·z with z as in :func:`ddpm_step`.
+    ``eta = 0`` is deterministic; ``eta > 0`` adds σ·z with z (and ``seed``, an int or an int64
+    (key, offset) tensor on the device) as in :func:`ddpm_step`.
     """
     _require_pair("x_t", x_t, "model_out", model_out)
     _require_pair("x_t", x_t, "noise", noise)
@@ -585,12 +605,13 @@ def ddim_step(x_t: Tensor, model_out: Tensor, t, t_prev, alphas_cumprod: Tensor,
     n, steps = x_t.shape[0], alphas_cumprod.numel()
     t = _require_timesteps("t", t, n, steps, x_t.device)
     t_prev = _require_timesteps("t_prev", t_prev, n, steps, x_t.device, allow_negative=True)
-    seed = _fresh_seed(seed) if (noise is None and eta > 0) else 0
+    seed = _fresh_seed(seed, x_t) if (noise is None and eta > 0) else 0
     chosen = resolve_backend(backend, "ddim_step", x_t, model_out)
     if chosen == "torch":
         return reference.ddim_step(x_t, model_out, t, t_prev, alphas_cumprod, eta=float(eta), prediction=prediction,
                                    clip_x0=clip_x0, noise=noise, seed=seed)
-    return _ddim_step(x_t, model_out, t, t_prev, alphas_cumprod, float(eta), prediction, clip_x0, noise, seed, chosen)
+    return _ddim_step(x_t, model_out, t, t_prev, alphas_cumprod, float(eta), prediction, clip_x0, noise,
+                      *_seed_operands(seed), chosen)
 
 
 __all__ = ["group_norm_silu", "adain", "attention", "q_sample", "ddpm_step", "ddim_step", "resolve_backend",

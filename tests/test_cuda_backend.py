@@ -50,7 +50,7 @@ def test_a_launch_without_a_gpu_raises_a_python_exception_naming_the_op():
         ext.sampler_step(kind=0, n=1, s=4, dtype=0, aligned=True, out=256, x=256, model=0, noise=256, t=256,
                          t_stride=1, t_prev=0, t_prev_stride=0, schedule=256, schedule_stride=1, schedule64=False,
                          num_steps=10, pred_v=False, clip=False, clip_value=0.0, large_var=False, eta=0.0, seed=0,
-                         device=0, stream=0)
+                         seed_state=0, device=0, stream=0)
     with pytest.raises(RuntimeError, match=r"dxr\._C\.norm_fwd: .*cudaError"):
         ext.norm_plan(n=1, c=4, s=4, groups=2, channels_last=False, dtype=0, aligned=True, per_sample_affine=False,
                       backward=False, device=0)
@@ -348,6 +348,43 @@ def test_sampler_steps_capture_in_a_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, ops.ddpm_step(x, m, t, ac, seed=5, backend="cuda"))
+
+
+@needs_cuda_backend
+def test_seed_tensor_is_read_on_the_device_and_offset_zero_is_the_int_seed():
+    pytest.importorskip("triton")
+    x, m = _random((3, 2, 17, 19), seed=1), _random((3, 2, 17, 19), seed=2)
+    ac, t, t_prev = _schedule(), _steps((700, 300, 20)), _steps((680, 280, -1))
+    for step in (lambda seed, b: ops.ddpm_step(x, m, t, ac, variance="large", seed=seed, backend=b),
+                 lambda seed, b: ops.ddim_step(x, m, t, t_prev, ac, eta=0.8, seed=seed, backend=b)):
+        state = torch.tensor([77, 0], device="cuda")
+        assert torch.equal(step(state, "cuda"), step(77, "cuda"))
+        state[1] = 2**32 + 3
+        shifted = step(state, "cuda")
+        assert (shifted != step(77, "cuda")).float().mean().item() > 0.99
+        # the same (key, offset) stream as the Triton kernels and the torch reference
+        torch.testing.assert_close(shifted, step(state, "torch"), atol=2e-4, rtol=0)
+        torch.testing.assert_close(shifted, step(state, "triton"), atol=2e-4, rtol=0)
+
+
+@needs_cuda_backend
+def test_seed_tensor_replayed_in_a_cuda_graph_draws_fresh_noise():
+    x, m = _random((2, 3, 16, 16), seed=1), _random((2, 3, 16, 16), seed=2)
+    ac, t = _schedule(torch.float32), _steps((700, 300))
+    state = torch.tensor([5, 0], device="cuda")
+    ops.ddpm_step(x, m, t, ac, seed=state, backend="cuda")  # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.ddpm_step(x, m, t, ac, seed=state, backend="cuda")
+        state[1:].add_(1)
+    graph.replay()
+    first = out.clone()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert state.tolist() == [5, 2]
+    assert torch.equal(first, ops.ddpm_step(x, m, t, ac, seed=5, backend="cuda"))
+    assert torch.equal(out, ops.ddpm_step(x, m, t, ac, seed=torch.tensor([5, 1], device="cuda"), backend="cuda"))
+    assert (out != first).float().mean().item() > 0.99
 
 
 # --------------------------------------------------------------------------------------------------

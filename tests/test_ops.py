@@ -381,10 +381,14 @@ def test_opcheck_passes_for_every_op_with_inputs_that_require_grad():
         (torch.ops.dxr.attention_fwd.default, (_leaf(1, 2, 3, 16, seed=30), _leaf(1, 2, 4, 16, seed=31),
                                                _leaf(1, 2, 4, 16, seed=32), 0.25, "triton")),
         (torch.ops.dxr.q_sample.default, (x, z, t, _SCHEDULE, "triton")),
-        (torch.ops.dxr.ddpm_step.default, (x, m, t, _SCHEDULE, "eps", None, "small", z, 0, "triton")),
-        (torch.ops.dxr.ddpm_step.default, (x, m, t, _SCHEDULE, "v", 1.0, "large", None, 3, "triton")),
-        (torch.ops.dxr.ddim_step.default, (x, m, t, t_prev, _SCHEDULE, 0.0, "eps", 1.0, None, 0, "triton")),
-        (torch.ops.dxr.ddim_step.default, (x, m, t, t_prev, _SCHEDULE, 0.6, "v", None, z, 0, "triton")),
+        (torch.ops.dxr.ddpm_step.default, (x, m, t, _SCHEDULE, "eps", None, "small", z, 0, None, "triton")),
+        (torch.ops.dxr.ddpm_step.default, (x, m, t, _SCHEDULE, "v", 1.0, "large", None, 3, None, "triton")),
+        (torch.ops.dxr.ddpm_step.default, (x, m, t, _SCHEDULE, "v", 1.0, "large", None, 0, torch.tensor([3, 1]),
+                                           "triton")),
+        (torch.ops.dxr.ddim_step.default, (x, m, t, t_prev, _SCHEDULE, 0.0, "eps", 1.0, None, 0, None, "triton")),
+        (torch.ops.dxr.ddim_step.default, (x, m, t, t_prev, _SCHEDULE, 0.6, "v", None, z, 0, None, "triton")),
+        (torch.ops.dxr.ddim_step.default, (x, m, t, t_prev, _SCHEDULE, 0.6, "v", None, None, 0, torch.tensor([3, 1]),
+                                           "triton")),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)

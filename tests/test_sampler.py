@@ -298,6 +298,101 @@ def test_launcher_rejects_a_seed_outside_the_philox_key():
 
 
 # --------------------------------------------------------------------------------------------------
+# the seed in device memory: an int64 (key, offset) tensor
+
+
+def _state(key, offset=0):
+    return torch.tensor([key, offset], dtype=torch.int64, device=DEVICE)
+
+
+@pytest.mark.parametrize("shape", [NOISE_SHAPE, (3, 2, 5, 7)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_seed_tensor_at_offset_zero_is_the_int_seed_bitwise(dtype, shape):
+    x, m = _tensors(2, dtype, shape=shape, seed=70)
+    t, ac = _timesteps((5, 300, 600, 999)[:shape[0]]), _schedule()
+    t_prev = _timesteps((0, 280, 580, 979)[:shape[0]])
+    for key in (0, 4321, 2**63 - 1):
+        assert torch.equal(ops.ddpm_step(x, m, t, ac, variance="large", seed=_state(key), backend="triton"),
+                           ops.ddpm_step(x, m, t, ac, variance="large", seed=key, backend="triton"))
+        assert torch.equal(ops.ddim_step(x, m, t, t_prev, ac, eta=0.7, seed=_state(key), backend="triton"),
+                           ops.ddim_step(x, m, t, t_prev, ac, eta=0.7, seed=key, backend="triton"))
+
+
+def test_seed_tensor_noise_is_the_documented_philox_stream_on_every_backend():
+    # counter (lo, hi of n·⌈S/4⌉ + ⌊i/4⌋, lo, hi of the offset); reference.philox_normal writes it out
+    t = _timesteps((500, 650, 800, 999))  # σ ≥ 0.1, so the recovered z keeps float32 accuracy
+    x, m = _tensors(2, shape=NOISE_SHAPE, seed=50)
+    for offset in (1, 2**32 + 5):
+        state = _state(2**40 + 9, offset)
+        expected = reference.philox_normal(x, state).double().reshape(NOISE_SHAPE[0], -1).cpu()
+        assert_close(_recovered_ddpm_noise(state, t), expected, torch.float32)
+        # the torch backend draws the same normals (exact sine and cosine: within 2e-6 of the kernels')
+        assert_close(ops.ddpm_step(x, m, t, _schedule(), variance="large", seed=state, backend="torch"),
+                     ops.ddpm_step(x, m, t, _schedule(), variance="large", seed=state, backend="triton"),
+                     torch.float32)
+    # the stream is Philox4x32-10 itself: the published known-answer vectors (Random123 kat_vectors)
+    words = [torch.tensor([w], dtype=torch.int64) for w in (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344)]
+    key = torch.tensor([0x299F31D0A4093822], dtype=torch.int64)
+    assert [int(w) for w in reference.philox4x32(key, *words)] == [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
+    zero = [torch.zeros(1, dtype=torch.int64)] * 4
+    assert [int(w) for w in reference.philox4x32(zero[0], *zero)] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+
+
+def test_seed_tensor_noise_is_standard_normal_and_each_offset_a_fresh_stream():
+    t = _timesteps((10, 300, 600, 999))
+    z = {offset: _recovered_ddpm_noise(_state(1234, offset), t) for offset in (0, 1, 2)}
+    for offset, draw in z.items():
+        flat = draw.flatten()
+        count = flat.numel()
+        assert abs(flat.mean().item()) < 5 / math.sqrt(count)
+        assert abs(flat.std().item() - 1) < 5 / math.sqrt(2 * count)
+        assert stats.kstest(flat.numpy(), "norm").pvalue > 1e-3, f"offset {offset}"
+    bound = 5 / math.sqrt(z[0].numel())
+    for a, b in ((0, 1), (1, 2), (0, 2)):
+        r = torch.corrcoef(torch.stack([z[a].flatten(), z[b].flatten()]))[0, 1]
+        assert abs(r.item()) < bound, f"offsets {a} and {b}: r = {r.item():.4f}"
+    # the key matters too, and a seed tensor is read when the step runs: advancing it in place changes z
+    x, m = _tensors(2, shape=(2, 64))
+    t2, ac = _timesteps((400, 900)), _schedule()
+    state = _state(1234)
+    first = ops.ddpm_step(x, m, t2, ac, seed=state, backend="triton")
+    state[1] += 1
+    second = ops.ddpm_step(x, m, t2, ac, seed=state, backend="triton")
+    assert (first != second).float().mean().item() > 0.99
+    assert torch.equal(second, ops.ddpm_step(x, m, t2, ac, seed=_state(1234, 1), backend="triton"))
+    assert (ops.ddpm_step(x, m, t2, ac, seed=_state(1235, 1), backend="triton") != second).float().mean() > 0.99
+
+
+def test_reference_philox_normal_is_standard_normal_in_the_kernels_memory_order():
+    like = torch.empty(3, 2, 33, 31, device=DEVICE).to(memory_format=torch.channels_last)
+    z = reference.philox_normal(like, _state(77, 3))
+    assert z.shape == like.shape and z.dtype == torch.float32 and z.is_contiguous(memory_format=torch.channels_last)
+    flat = z.flatten().double().cpu()
+    assert abs(flat.mean().item()) < 5 / math.sqrt(flat.numel())
+    assert stats.kstest(flat.numpy(), "norm").pvalue > 1e-3
+    # channels_last: memory order is NHWC, so the first four channels-last elements are counter 0's normals
+    contiguous = reference.philox_normal(like.contiguous(), _state(77, 3))
+    assert torch.equal(z.permute(0, 2, 3, 1).reshape(3, -1), contiguous.reshape(3, -1))
+    assert reference.philox_normal(torch.empty(0, 4), _state(1)).shape == (0, 4)
+
+
+@pytest.mark.parametrize("backend", ("torch", "triton"))
+def test_bad_seed_tensors_raise_naming_seed(backend):
+    x, m = _tensors(2, shape=(2, 8))
+    t, t_prev, ac = _timesteps((1, 2)), _timesteps((0, 1)), _schedule()
+    bad = [torch.tensor([1.0, 0.0], device=DEVICE), torch.tensor([1, 0], dtype=torch.int32, device=DEVICE),
+           torch.tensor([1, 0, 0], device=DEVICE), torch.tensor([[1, 0]], device=DEVICE),
+           torch.tensor([1, 0], device="meta")]
+    for seed in bad:
+        with pytest.raises(ValueError, match="seed"):
+            ops.ddpm_step(x, m, t, ac, seed=seed, backend=backend)
+        with pytest.raises(ValueError, match="seed"):
+            ops.ddim_step(x, m, t, t_prev, ac, eta=0.5, seed=seed, backend=backend)
+    with pytest.raises(ValueError, match="seed"):
+        sampler.ddpm_step(x, m, t, ac, "eps", None, "small", None, torch.tensor([1, 0, 5, 0], device=DEVICE)[::2])
+
+
+# --------------------------------------------------------------------------------------------------
 # custom-op registration
 
 
@@ -306,11 +401,18 @@ def test_opcheck_triton_ops():
     t, t_prev, ac = _timesteps((0, 700)), _timesteps((-1, 650)), _schedule()
     x0, noise = (v.clone().requires_grad_() for v in (x, z))
     torch.library.opcheck(torch.ops.dxr.q_sample.default, (x0, noise, t, ac, "triton"))
-    torch.library.opcheck(torch.ops.dxr.ddpm_step.default, (x, m, t, ac, "v", 1.0, "large", z, 0, "triton"))
+    state = torch.tensor([17, 3], device=DEVICE)
+    torch.library.opcheck(torch.ops.dxr.ddpm_step.default, (x, m, t, ac, "v", 1.0, "large", z, 0, None, "triton"))
     torch.library.opcheck(torch.ops.dxr.ddpm_step.default,
-                          (x, m, t, ac, "eps", None, "small", None, 17, "triton"))
-    torch.library.opcheck(torch.ops.dxr.ddim_step.default, (x, m, t, t_prev, ac, 0.0, "eps", 1.0, None, 0, "triton"))
-    torch.library.opcheck(torch.ops.dxr.ddim_step.default, (x, m, t, t_prev, ac, 0.8, "v", None, None, 5, "triton"))
+                          (x, m, t, ac, "eps", None, "small", None, 17, None, "triton"))
+    torch.library.opcheck(torch.ops.dxr.ddpm_step.default,
+                          (x, m, t, ac, "eps", None, "small", None, 0, state, "triton"))
+    torch.library.opcheck(torch.ops.dxr.ddim_step.default,
+                          (x, m, t, t_prev, ac, 0.0, "eps", 1.0, None, 0, None, "triton"))
+    torch.library.opcheck(torch.ops.dxr.ddim_step.default,
+                          (x, m, t, t_prev, ac, 0.8, "v", None, None, 5, None, "triton"))
+    torch.library.opcheck(torch.ops.dxr.ddim_step.default,
+                          (x, m, t, t_prev, ac, 0.8, "v", None, None, 0, state, "triton"))
 
 
 @triton.jit

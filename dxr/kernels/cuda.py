@@ -13,7 +13,8 @@ What runs where:
   picks the on-chip, thread-block-cluster or split path. A shape it does not take (more than 2048 channels
   per group, a sample of 2³¹ elements or more) runs the Triton kernel instead.
 - q_sample, ddpm_step, ddim_step: CUDA kernels, in-kernel Philox noise from ``seed`` (the stream described
-  in ``dxr.kernels.triton.sampler``; same seed → bitwise the same result on this backend).
+  in ``dxr.kernels.triton.sampler``; same seed → bitwise the same result on this backend), the seed an
+  int or an int64 (key, offset) tensor the kernel reads on the device.
 - attention forward: CUDA tensor-core kernel for float16/bfloat16 with head dims up to 128 (D not a
   multiple of 8 is zero-padded to one); float32 and head dims above 128 run the Triton kernel.
   **The attention backward is the Triton kernel** (``dxr.kernels.triton.attention.attention_bwd``),
@@ -28,10 +29,12 @@ from __future__ import annotations
 
 import functools
 import importlib
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
+
+from dxr.kernels import reference
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # StepKind in csrc/launch.h
@@ -320,7 +323,7 @@ def _schedule(alphas_cumprod: Tensor) -> tuple[Tensor, bool]:
 
 def _step(op: str, kind: int, x: Tensor, model: Optional[Tensor], noise: Optional[Tensor], t: Tensor,
           t_prev: Optional[Tensor], alphas_cumprod: Tensor, *, pred_v=False, clip_x0=None, large_var=False,
-          eta=0.0, seed=0) -> Tensor:
+          eta=0.0, seed: Union[int, Tensor] = 0) -> Tensor:
     ext = _ext()
     device = _on_cuda(op, x, model, noise, t, t_prev, alphas_cumprod)
     out, work, dtype, (xk, mk, nk) = _step_operands(x, model, noise)
@@ -336,15 +339,10 @@ def _step(op: str, kind: int, x: Tensor, model: Optional[Tensor], noise: Optiona
             t_prev_stride=t_prev.stride(0) if t_prev is not None else 0, schedule=schedule.data_ptr(),
             schedule_stride=schedule.stride(0), schedule64=schedule64, num_steps=schedule.numel(), pred_v=pred_v,
             clip=clip_x0 is not None, clip_value=float(clip_x0 or 0.0), large_var=large_var, eta=float(eta),
-            seed=int(seed))
+            seed=0 if isinstance(seed, Tensor) else int(seed), seed_state=_ptr(seed if isinstance(seed, Tensor) else None))
     if work is not out:
         out.copy_(work)
     return out
-
-
-def _check_seed(seed: int) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be an int in [0, 2**63) (the 64-bit Philox key), got {seed!r}")
 
 
 def _check_choice(name: str, value: str, choices: tuple) -> None:
@@ -359,25 +357,25 @@ def q_sample(x0: Tensor, noise: Tensor, t: Tensor, alphas_cumprod: Tensor) -> Te
 
 
 def ddpm_step(x_t: Tensor, model_out: Tensor, t: Tensor, alphas_cumprod: Tensor, prediction: str,
-              clip_x0: Optional[float], variance: str, noise: Optional[Tensor], seed: int) -> Tensor:
+              clip_x0: Optional[float], variance: str, noise: Optional[Tensor], seed: Union[int, Tensor]) -> Tensor:
     """One ancestral DDPM step in one launch: as ``dxr.kernels.triton.sampler.ddpm_step`` (noise drawn
-    in-kernel from ``seed`` when None)."""
+    in-kernel from ``seed``, an int key or an int64 (key, offset) tensor on the device, when None)."""
     _check_choice("prediction", prediction, ("eps", "v"))
     _check_choice("variance", variance, ("small", "large"))
     if noise is None:
-        _check_seed(seed)
+        reference.check_seed(seed, x_t)
     return _step("ddpm_step", _DDPM, x_t, model_out, noise, t, None, alphas_cumprod, pred_v=prediction == "v",
                  clip_x0=clip_x0, large_var=variance == "large", seed=seed if noise is None else 0)
 
 
 def ddim_step(x_t: Tensor, model_out: Tensor, t: Tensor, t_prev: Tensor, alphas_cumprod: Tensor, eta: float,
-              prediction: str, clip_x0: Optional[float], noise: Optional[Tensor], seed: int) -> Tensor:
+              prediction: str, clip_x0: Optional[float], noise: Optional[Tensor], seed: Union[int, Tensor]) -> Tensor:
     """One DDIM step in one launch: as ``dxr.kernels.triton.sampler.ddim_step`` (eta = 0 ignores noise and
-    seed; eta > 0 draws z in-kernel from ``seed`` when noise is None)."""
+    seed; eta > 0 draws z in-kernel from ``seed``, an int or an int64 (key, offset) tensor, when noise is None)."""
     _check_choice("prediction", prediction, ("eps", "v"))
     add_noise = eta != 0
     if add_noise and noise is None:
-        _check_seed(seed)
+        reference.check_seed(seed, x_t)
     return _step("ddim_step", _DDIM, x_t, model_out, noise if add_noise else None, t, t_prev, alphas_cumprod,
                  pred_v=prediction == "v", clip_x0=clip_x0, eta=eta, seed=seed if add_noise and noise is None else 0)
 

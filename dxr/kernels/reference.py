@@ -85,9 +85,94 @@ def predict_eps(x_t, model_out, ab, prediction):
     return (1 - ab).sqrt() * x_t + ab.sqrt() * model_out
 
 
+_PHILOX_ROUND = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_KEY_STEP = (0x9E3779B9, 0xBB67AE85)
+_WORD = 0xFFFFFFFF
+
+
+def _mulhilo(a, b):
+    """(high, low) 32-bit words of the product of the constant a and the 32-bit words b (int64 tensors),
+    through 16-bit halves of b so that no intermediate leaves int64."""
+    low_part = a * (b & 0xFFFF)
+    high_part = a * (b >> 16)
+    s = low_part + ((high_part & 0xFFFF) << 16)
+    return (high_part >> 16) + (s >> 32), s & _WORD
+
+
+def philox4x32(key, c0, c1, c2, c3):
+    """Philox4x32-10 (Salmon et al., SC'11) on int64 tensors holding 32-bit words: counters (c0, c1, c2, c3)
+    under the 64-bit ``key`` (an int64 tensor, its bits taken as unsigned). Returns the four output words."""
+    k0, k1 = key & _WORD, (key >> 32) & _WORD
+    for _ in range(10):
+        hi0, lo0 = _mulhilo(_PHILOX_ROUND[0], c0)
+        hi1, lo1 = _mulhilo(_PHILOX_ROUND[1], c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = (k0 + _PHILOX_KEY_STEP[0]) & _WORD
+        k1 = (k1 + _PHILOX_KEY_STEP[1]) & _WORD
+    return c0, c1, c2, c3
+
+
+def _uniform(word):
+    """A 32-bit word to [0, 1) as Triton's ``uint_to_uniform_float``: as int32, negatives folded to -v - 1,
+    times 2⁻³¹ (in float32)."""
+    v = torch.where(word >= 2**31, word - 2**32, word)
+    v = torch.where(v < 0, -v - 1, v)
+    return v.to(torch.float32) * 4.6566127342e-10
+
+
+def philox_normal(like, seed):
+    """The standard normals a sampler kernel draws from a seed in device memory, in float32 of like's shape.
+
+    ``seed`` is an int64 tensor (key, offset) of shape (2,) on like's device. Element i (memory order) of
+    sample n takes normal ``i % 4`` of Philox counter (lo, hi of ``n·⌈S/4⌉ + ⌊i/4⌋``, lo, hi of offset),
+    S = numel / N, each counter's words (w0, w1) and (w2, w3) turned into two normals by Box–Muller
+    (r = √(-2 ln max(u, 1e-7)), r·cos 2πu', r·sin 2πu'). The kernels compute sine and cosine in fewer
+    instructions, so their z is within about 2e-6 of this one. The memory order is that of
+    ``empty_like(like)`` when it stores each sample as one run, else C order (as the kernels' buffer).
+    """
+    n = like.shape[0]
+    per_sample = like.numel() // n if n else 0
+    out = torch.empty_like(like, dtype=torch.float32)
+    if n > 1 and out.stride(0) != per_sample:
+        out = torch.empty(like.shape, dtype=torch.float32, device=like.device)
+    if out.numel() == 0:
+        return out
+    rows = (per_sample + 3) // 4
+    counter = (torch.arange(n, dtype=torch.int64, device=like.device)[:, None] * rows
+               + torch.arange(rows, dtype=torch.int64, device=like.device)[None, :])
+    key, offset = seed[0], seed[1]
+    w0, w1, w2, w3 = philox4x32(key, counter & _WORD, (counter >> 32) & _WORD,
+                                (offset & _WORD).expand_as(counter), ((offset >> 32) & _WORD).expand_as(counter))
+    normals = []
+    for a, b in ((w0, w1), (w2, w3)):
+        r = torch.sqrt(-2.0 * torch.log(torch.clamp(_uniform(a), min=1.0e-7)))
+        theta = 6.283185307179586 * _uniform(b)
+        normals += [r * torch.cos(theta), r * torch.sin(theta)]
+    z = torch.stack(normals, dim=-1).reshape(n, rows * 4)[:, :per_sample]
+    out.as_strided((n, per_sample), (per_sample, 1)).copy_(z)
+    return out
+
+
+def check_seed(seed, x) -> None:
+    """The seed contract every sampler backend validates: an int in [0, 2**63) (the 64-bit Philox key), or
+    an int64 tensor (key, offset) of shape (2,), contiguous, on x's device. Raises ValueError naming ``seed``."""
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or tuple(seed.shape) != (2,) or not seed.is_contiguous():
+            raise ValueError(f"seed as a tensor must be a contiguous int64 tensor of shape (2,) holding (Philox key, "
+                             f"offset), got {seed.dtype} of shape {tuple(seed.shape)}")
+        if seed.device != x.device:
+            raise ValueError(f"seed is on {seed.device} but x_t is on {x.device}: the kernels read it on the device")
+        return
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an int in [0, 2**63) (the 64-bit Philox key) or an int64 tensor (key, offset) "
+                         f"of shape (2,) on the device, got {seed!r}")
+
+
 def _gaussian(like, noise, seed):
     if noise is not None:
         return _acc(noise)
+    if isinstance(seed, torch.Tensor):
+        return philox_normal(like, seed)
     gen = torch.Generator(device=like.device)
     gen.manual_seed(int(seed))
     return torch.randn(like.shape, generator=gen, device=like.device, dtype=torch.float32)
@@ -99,7 +184,9 @@ def ddpm_step(x_t, model_out, t, alphas_cumprod, *, prediction="eps", clip_x0=No
 
     ᾱ_{t-1} is 1 at t = 0, where no noise is added. ``variance`` "small" is the posterior
     variance β̃_t = β_t(1-ᾱ_{t-1})/(1-ᾱ_t), "large" is β_t. ``noise`` (the z of the step) wins over
-    ``seed``; with neither, a seed is drawn from torch's default generator.
+    ``seed``; an int seed draws z with ``torch.randn`` from a generator seeded with it, an int64 (key, offset)
+    tensor the kernels' Philox normals (:func:`philox_normal`, no generator, no host sync); with neither, a
+    seed is drawn from torch's default generator.
     """
     x_t32 = _acc(x_t)
     alpha_bar = _per_sample(alphas_cumprod, t, x_t.dim())

@@ -27,6 +27,12 @@ The stream is a function of (seed, S) and the element's position only, not of th
 every tuning choice gives the same z: same seed → bitwise the same result. (One Philox call per four elements rather than per
 element keeps the generator from becoming the bottleneck of an otherwise memory-bound step.)
 
+Seed in device memory. ``seed`` may instead be an int64 tensor of shape (2,) on x's device, read by the
+kernel: ``seed[0]`` is the Philox key and ``seed[1]`` an offset that fills the two upper counter words, so
+the counter of a row of four is (lo, hi of the row counter above, lo, hi of the offset). Offset 0 is the
+int seed ``seed[0]`` bit for bit; each other offset is a disjoint stream. Nothing is read on the host, so a
+captured CUDA graph that advances ``seed[1]`` between steps draws fresh noise on every replay.
+
 Tuning. On a GPU the block size is autotuned per S on the first call; make that call before
 capturing a sampling loop in a CUDA graph.
 """
@@ -34,17 +40,15 @@ capturing a sampling loop in a CUDA graph.
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from dxr.kernels import reference
 from dxr.kernels.triton import common
-
-_SEED_LIMIT = 2**63
-
 
 def _configs():
     # the interpreter cannot benchmark configs ("0 active drivers"), and a big block keeps it fast
@@ -116,6 +120,27 @@ def _box_muller(u1, u2):
 def _gaussian(seed, counter0, ROWS: tl.constexpr):
     """(ROWS, 4) standard normals: row r holds the four normals of Philox counter ``counter0 + r``."""
     i0, i1, i2, i3 = tl.randint4x(seed, counter0 + tl.arange(0, ROWS))
+    return _normals4(i0, i1, i2, i3)
+
+
+@triton.jit
+def _gaussian_at(seed_ptr, counter0, ROWS: tl.constexpr):
+    """As :func:`_gaussian` with the key ``seed_ptr[0]`` read from memory and the offset ``seed_ptr[1]`` in
+    the upper two counter words: row r is Philox counter (lo, hi of ``counter0 + r``, lo, hi of the offset)."""
+    key = tl.load(seed_ptr)
+    offset = tl.load(seed_ptr + 1)
+    counter = counter0 + tl.arange(0, ROWS)
+    c0 = counter.to(tl.uint32)
+    c1 = (counter >> 32).to(tl.uint32)
+    c2 = c0 * 0 + (offset & 0xFFFFFFFF).to(tl.uint32)
+    c3 = c0 * 0 + (offset >> 32).to(tl.uint32)
+    i0, i1, i2, i3 = tl.random.philox(key, c0, c1, c2, c3)
+    return _normals4(i0, i1, i2, i3)
+
+
+@triton.jit
+def _normals4(i0, i1, i2, i3):
+    """(ROWS, 4) normals from the four (ROWS,) Philox output words: Box–Muller on pairs (0, 1) and (2, 3)."""
     z0, z1 = _box_muller(tl.random.uint_to_uniform_float(i0), tl.random.uint_to_uniform_float(i1))
     z2, z3 = _box_muller(tl.random.uint_to_uniform_float(i2), tl.random.uint_to_uniform_float(i3))
     lane = tl.arange(0, 4)[None, :]
@@ -228,12 +253,13 @@ def _ddpm_step_kernel(
     acp_ptr,  # ᾱ per timestep (float16 to float64)
     acp_stride,  # element stride of alphas_cumprod
     clip,  # x0 is clamped to [-clip, clip] when CLIP
-    seed,  # Philox key of the in-kernel noise (read when DRAW_NOISE)
+    seed,  # Philox key of the in-kernel noise, or with SEED_IN_MEMORY a pointer to int64 (key, offset)
     S,  # elements per sample
     PRED_V: tl.constexpr,  # model_out is v (else eps)
     CLIP: tl.constexpr,  # clamp the predicted x0
     LARGE_VAR: tl.constexpr,  # σ² = β_t (else the posterior variance β̃_t)
     DRAW_NOISE: tl.constexpr,  # draw z with Philox instead of reading noise_ptr
+    SEED_IN_MEMORY: tl.constexpr,  # seed points to (key, offset) on the device
     BLOCK: tl.constexpr,  # elements per program
 ):
     n, base, local, mask, counter0 = _chunk(S, BLOCK)
@@ -262,7 +288,10 @@ def _ddpm_step_kernel(
         x0 = tl.clamp(x0, -clip, clip)
     mean = coef_x0.to(tl.float32) * x0 + coef_xt.to(tl.float32) * x
     if DRAW_NOISE:
-        z = _gaussian(seed, counter0, BLOCK // 4)
+        if SEED_IN_MEMORY:
+            z = _gaussian_at(seed, counter0, BLOCK // 4)
+        else:
+            z = _gaussian(seed, counter0, BLOCK // 4)
     else:
         z = _load_f32(noise_ptr + base, local, mask)
     out = mean + sigma * z
@@ -284,12 +313,13 @@ def _ddim_step_kernel(
     acp_stride,  # element stride of alphas_cumprod
     eta,  # DDIM η: σ = η·√((1-ᾱ_prev)/(1-ᾱ)·(1-ᾱ/ᾱ_prev))
     clip,  # x0 is clamped to [-clip, clip] when CLIP
-    seed,  # Philox key of the in-kernel noise (read when DRAW_NOISE)
+    seed,  # Philox key of the in-kernel noise, or with SEED_IN_MEMORY a pointer to int64 (key, offset)
     S,  # elements per sample
     PRED_V: tl.constexpr,  # model_out is v (else eps)
     CLIP: tl.constexpr,  # clamp the predicted x0 and recompute eps from it
     ADD_NOISE: tl.constexpr,  # η > 0: add σ·z
     DRAW_NOISE: tl.constexpr,  # draw z with Philox instead of reading noise_ptr
+    SEED_IN_MEMORY: tl.constexpr,  # seed points to (key, offset) on the device
     BLOCK: tl.constexpr,  # elements per program
 ):
     n, base, local, mask, counter0 = _chunk(S, BLOCK)
@@ -323,7 +353,10 @@ def _ddim_step_kernel(
     out = coef_x0.to(tl.float32) * x0 + coef_eps.to(tl.float32) * eps
     if ADD_NOISE:
         if DRAW_NOISE:
-            z = _gaussian(seed, counter0, BLOCK // 4)
+            if SEED_IN_MEMORY:
+                z = _gaussian_at(seed, counter0, BLOCK // 4)
+            else:
+                z = _gaussian(seed, counter0, BLOCK // 4)
         else:
             z = _load_f32(noise_ptr + base, local, mask)
         out = out + sigma.to(tl.float32) * z
@@ -377,11 +410,6 @@ def _check_choice(name: str, value: str, choices: tuple) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
-def _check_seed(seed: int) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < _SEED_LIMIT:
-        raise ValueError(f"seed must be an int in [0, 2**63) (the 64-bit Philox key), got {seed!r}")
-
-
 def q_sample(x0: Tensor, noise: Tensor, t: Tensor, alphas_cumprod: Tensor) -> Tensor:
     """Forward diffusion ``sqrt(ᾱ[t])·x0 + sqrt(1-ᾱ[t])·noise`` in one launch.
 
@@ -399,20 +427,21 @@ def q_sample(x0: Tensor, noise: Tensor, t: Tensor, alphas_cumprod: Tensor) -> Te
 
 
 def ddpm_step(x_t: Tensor, model_out: Tensor, t: Tensor, alphas_cumprod: Tensor, prediction: str,
-              clip_x0: Optional[float], variance: str, noise: Optional[Tensor], seed: int) -> Tensor:
+              clip_x0: Optional[float], variance: str, noise: Optional[Tensor], seed: Union[int, Tensor]) -> Tensor:
     """One ancestral DDPM step x_t → x_{t-1} in one launch (semantics of ``reference.ddpm_step``).
 
     x_t, model_out: (N, *) float32, float16 or bfloat16 of one shape, any layout; t: integer (N,) on
     x_t's device; alphas_cumprod: 1-D float schedule on the device; prediction "eps" or "v";
     clip_x0 a positive bound or None; variance "small" (β̃_t) or "large" (β_t). ``noise`` (x_t's shape,
-    any float dtype) is the z of the step; when None, z is drawn in-kernel from ``seed`` (see the
-    module docstring for the stream). No noise where t == 0. Returns a tensor with x_t's dtype and
-    strides. Raises ValueError for an unknown prediction or variance, or a seed outside [0, 2**63).
+    any float dtype) is the z of the step; when None, z is drawn in-kernel from ``seed``, an int key or an
+    int64 (key, offset) tensor on the device (see the module docstring for the stream). No noise where
+    t == 0. Returns a tensor with x_t's dtype and strides. Raises ValueError for an unknown prediction or
+    variance, or a seed that is neither (see ``reference.check_seed``).
     """
     _check_choice("prediction", prediction, ("eps", "v"))
     _check_choice("variance", variance, ("small", "large"))
     if noise is None:
-        _check_seed(seed)
+        reference.check_seed(seed, x_t)
     out, work, (x_t, model_out, noise) = _prepare(x_t, model_out, noise)
     if out.numel() == 0:
         return out
@@ -422,26 +451,26 @@ def ddpm_step(x_t: Tensor, model_out: Tensor, t: Tensor, alphas_cumprod: Tensor,
             work, x_t, model_out, noise, t, t.stride(0), alphas_cumprod, alphas_cumprod.stride(0),
             0.0 if clip_x0 is None else float(clip_x0), seed if noise is None else 0, per_sample,
             PRED_V=prediction == "v", CLIP=clip_x0 is not None, LARGE_VAR=variance == "large",
-            DRAW_NOISE=noise is None,
+            DRAW_NOISE=noise is None, SEED_IN_MEMORY=noise is None and isinstance(seed, Tensor),
         )
     return _finish(out, work)
 
 
 def ddim_step(x_t: Tensor, model_out: Tensor, t: Tensor, t_prev: Tensor, alphas_cumprod: Tensor, eta: float,
-              prediction: str, clip_x0: Optional[float], noise: Optional[Tensor], seed: int) -> Tensor:
+              prediction: str, clip_x0: Optional[float], noise: Optional[Tensor], seed: Union[int, Tensor]) -> Tensor:
     """One DDIM step x_t → x_{t_prev} in one launch (semantics of ``reference.ddim_step``).
 
     Shapes and dtypes as :func:`ddpm_step`; t_prev: integer (N,), -1 marking the last step (ᾱ_prev = 1);
     eta ≥ 0. With eta == 0 the step is deterministic and ``noise``/``seed`` are ignored; with eta > 0,
     σ·z is added, z being ``noise`` or, when None, drawn in-kernel from ``seed`` (see the module
     docstring). When x0 is clamped, eps is recomputed from the clamped x0. Returns a tensor with x_t's
-    dtype and strides. Raises ValueError for an unknown prediction, or a seed outside [0, 2**63).
+    dtype and strides. Raises ValueError for an unknown prediction, or a bad seed (see ``reference.check_seed``).
     """
     _check_choice("prediction", prediction, ("eps", "v"))
     add_noise = eta != 0
     draw_noise = add_noise and noise is None
     if draw_noise:
-        _check_seed(seed)
+        reference.check_seed(seed, x_t)
     out, work, (x_t, model_out, noise) = _prepare(x_t, model_out, noise if add_noise else None)
     if out.numel() == 0:
         return out
@@ -452,6 +481,7 @@ def ddim_step(x_t: Tensor, model_out: Tensor, t: Tensor, t_prev: Tensor, alphas_
             alphas_cumprod.stride(0), float(eta), 0.0 if clip_x0 is None else float(clip_x0),
             seed if draw_noise else 0, per_sample,
             PRED_V=prediction == "v", CLIP=clip_x0 is not None, ADD_NOISE=add_noise, DRAW_NOISE=draw_noise,
+            SEED_IN_MEMORY=draw_noise and isinstance(seed, Tensor),
         )
     return _finish(out, work)
 
