@@ -76,3 +76,9 @@ def run_case(benchmark):
         assert math.isfinite(seconds) and seconds > 0
 
     return run
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """The GPU's name beside the CPU's in a saved run (``--benchmark-json``), so that it says which device it timed."""
+    if torch.cuda.is_available():
+        machine_info["gpu"] = torch.cuda.get_device_name()
