@@ -15,9 +15,9 @@ A :class:`Case` is one workload at one size:
 
 Every case runs on a backend — "eager" (the fused ops' torch reference, ``backend="torch"``),
 "compile" (``torch.compile`` of that eager network, as ``dxr.train --compile`` does), "triton",
-"cuda" — in a layout, "nchw" or "channels_last" (network and inputs), and the samplers optionally
-with ``cuda_graph=True`` where the samplers take that keyword (GPU only). The networks are freshly
-initialised (seed 0): the cost of a step does not depend on the weights.
+"cuda" — in a layout, "nchw" or "channels_last" (network and inputs), and the samplers and the restorer
+also with ``cuda_graph=True`` where they take that keyword (GPU only). The networks are freshly initialised
+(seed 0): the cost of a step does not depend on the weights.
 
 :data:`SUITE` pairs each GPU case with the smaller case a CPU runs instead, or with the reason it is
 GPU-only; :func:`cases` gives the list for a device.
@@ -40,6 +40,7 @@ WORKLOADS = ("unet_train", "munit_train", "ddpm_sample", "ddim_sample", "enhance
 BACKENDS = ("eager", "compile", "triton", "cuda")
 LAYOUTS = ("nchw", "channels_last")
 SAMPLERS = ("ddpm_sample", "ddim_sample")
+GRAPHED = (*SAMPLERS, "enhance")  # the workloads with a cuda_graph option
 # whole-network torch.compile on 2 CPU cores: the cpu-demo training step took 213 s to compile (measured)
 CPU_COMPILE_ENV = "DXR_BENCH_CPU_COMPILE"
 
@@ -119,11 +120,12 @@ def cases(device_type: str, quick: bool = False) -> list:
 
 
 def supports_cuda_graph(workload: str) -> bool:
-    """Whether this tree's sampler of ``workload`` takes ``cuda_graph=``."""
+    """Whether this tree's sampler (or restorer) of ``workload`` takes ``cuda_graph=``."""
     from dxr.diffusion import ddim_sample, ddpm_sample
+    from dxr.enhance import Restorer
 
-    sampler = ddpm_sample if workload == "ddpm_sample" else ddim_sample
-    return "cuda_graph" in inspect.signature(sampler).parameters
+    takes = {"ddpm_sample": ddpm_sample, "ddim_sample": ddim_sample, "enhance": Restorer}[workload]
+    return "cuda_graph" in inspect.signature(takes).parameters
 
 
 def why_not(case: Case, backend: str, layout: str, device: torch.device, cuda_graph: bool = False) -> Optional[str]:
@@ -136,14 +138,15 @@ def why_not(case: Case, backend: str, layout: str, device: torch.device, cuda_gr
         return (f"torch.compile of a whole network takes minutes on a CPU (213 s for the cpu-demo training step on "
                 f"2 cores); {CPU_COMPILE_ENV}=1 runs it")
     if cuda_graph:
-        if case.workload not in SAMPLERS:
-            return "cuda_graph is a sampler option"
+        if case.workload not in GRAPHED:
+            return "cuda_graph is an option of the samplers and the restorer"
         if device.type != "cuda":
             return "CUDA graphs need a GPU"
         if backend == "compile":
             return "torch.compile brings its own graphs (mode='reduce-overhead'); cuda_graph runs the eager network"
         if not supports_cuda_graph(case.workload):
-            return f"dxr.diffusion.{case.workload} takes no cuda_graph keyword in this tree"
+            where = "dxr.enhance.Restorer" if case.workload == "enhance" else f"dxr.diffusion.{case.workload}"
+            return f"{where} takes no cuda_graph keyword in this tree"
     if backend in wl.KERNEL_BACKENDS:
         from dxr.training.config import ConfigError, check_backend
 
@@ -231,7 +234,8 @@ def build(case: Case, backend: str, layout: str, device, cuda_graph: bool = Fals
 
         if backend == "compile":
             net.denoiser = _compiled(net.denoiser)
-        restorer = Restorer(net, config, steps=case.steps, batch_size=case.batch)
+        restorer = Restorer(net, config, steps=case.steps, batch_size=case.batch,
+                            **({"cuda_graph": True} if cuda_graph else {}))
         # the command's input: a radiograph in [0, 1] on the host
         radiograph = torch.rand((1, 1, case.image, case.image), generator=gen, device=device).cpu()
         tiles = len(tile_starts(case.image, restorer.tile, restorer.overlap)) ** 2
@@ -336,7 +340,7 @@ def variant_label(row: Row) -> str:
 
 def variants(workload: str) -> list:
     """(backend, layout, cuda_graph) of every variant timed for ``workload``, eager NCHW first."""
-    graphs = (False, True) if workload in SAMPLERS else (False,)
+    graphs = (False, True) if workload in GRAPHED else (False,)
     return [(b, layout, g) for g in graphs for layout in LAYOUTS for b in BACKENDS]
 
 

@@ -20,9 +20,9 @@
 4. The performance goals of the kernels, reported as met or not met.
 5. End to end (``bench/e2e.py``, on by default on a GPU, ``--e2e on`` on a CPU, ``--e2e only`` for this part
    alone): UNet and MUNIT training steps, DDPM 1000 / DDIM 50 sampling at batch 1 and 16, one 2048²
-   radiograph restored, on every backend in NCHW and channels_last (samplers also with ``cuda_graph=True``
-   where they take it): median ms, images/s, peak memory, speedups over eager and torch.compile in the same
-   layout, channels_last over NCHW, peak memory over eager's.
+   radiograph restored, on every backend in NCHW and channels_last (samplers and restorer also with
+   ``cuda_graph=True`` where they take it): median ms, images/s, peak memory, speedups over eager and
+   torch.compile in the same layout, channels_last over NCHW, peak memory over eager's.
 
 Writes ``<out>/<device>-<date>.json`` and ``.md`` (``-quick`` added with --quick) and prints the tables.
 Each op and backend stands alone: a backend that cannot run here (no extension built, a kernel module

@@ -4,8 +4,8 @@
 and paper presets, DDPM 1000 / DDIM 50 steps at batch 1 and 16, a 2048² radiograph (DDIM 25, tiles of
 16); on a CPU the cpu-demo preset at small batches, step counts and image sizes, the rest skipped with
 the reason. Each case runs on every backend (eager, torch.compile of the eager network, Triton, CUDA)
-in NCHW and channels_last, and the samplers also with ``cuda_graph=True`` (GPU only, where the samplers
-take the keyword). Cases of one workload and size share a benchmark group.
+in NCHW and channels_last, and the samplers and the restorer also with ``cuda_graph=True`` (GPU only,
+where they take the keyword). Cases of one workload and size share a benchmark group.
 
 ``extra_info``: what ran (workload, case, preset, backend, layout, cuda_graph, batch, image_size, steps,
 precision, parameters_m, device; tiles, tile and overlap for "enhance"), ``images_per_s`` (images trained
@@ -81,8 +81,9 @@ def test_sample(benchmark, entry, backend, layout, cuda_graph):
     _run(benchmark, entry, backend, layout, cuda_graph)
 
 
+@pytest.mark.parametrize("cuda_graph", [False, True], ids=["no_graph", "cuda_graph"])
 @pytest.mark.parametrize("layout", e2e.LAYOUTS)
 @pytest.mark.parametrize("backend", e2e.BACKENDS)
 @pytest.mark.parametrize("entry", _entries("enhance"))
-def test_enhance(benchmark, entry, backend, layout):
-    _run(benchmark, entry, backend, layout)
+def test_enhance(benchmark, entry, backend, layout, cuda_graph):
+    _run(benchmark, entry, backend, layout, cuda_graph)
