@@ -1,6 +1,6 @@
 """dxr.diffusion: the training loss, the DDPM/DDIM samplers, SDEdit and ILVR, held against the equations
 written out here with the reference ops, on every dtype; timesteps stay on the device and every step
-gets its own seed."""
+gets its own seed offset; a CUDA-graph sampler gives the plain loop's samples."""
 
 import pytest
 import torch
@@ -9,7 +9,7 @@ import dxr.ops as ops
 from helpers import DEVICE, DTYPES, assert_close, randn
 from dxr import diffusion
 from dxr.diffusion import (GaussianDiffusion, ddim_sample, ddim_timesteps, ddpm_sample, ilvr_guide, low_pass,
-                           make_schedule, sdedit, step_seeds, training_loss)
+                           make_schedule, sdedit, seed_state, training_loss)
 from dxr.kernels import reference
 
 
@@ -78,7 +78,7 @@ def test_ddim_eta_zero_is_deterministic_and_follows_eq12():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_ddpm_sampler_is_algorithm_2_with_a_new_seed_each_step(dtype, monkeypatch):
+def test_ddpm_sampler_is_algorithm_2_with_a_new_seed_offset_each_step(dtype, monkeypatch):
     ac = _schedule(12)
     x_T = randn(2, 1, 4, 4, dtype=dtype, seed=3)
     model = Affine().to(DEVICE, dtype)
@@ -86,17 +86,20 @@ def test_ddpm_sampler_is_algorithm_2_with_a_new_seed_each_step(dtype, monkeypatc
     real_step = ops.ddpm_step
 
     def spy(*args, **kwargs):
-        seen.append(kwargs["seed"])
+        seed = kwargs["seed"]
+        assert isinstance(seed, torch.Tensor) and seed.dtype == torch.int64 and seed.device == x_T.device
+        seen.append(tuple(seed.tolist()))
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(diffusion.ops, "ddpm_step", spy)
     out = ddpm_sample(model, x_T, ac, seed=5)
-    assert out.dtype == dtype and len(seen) == 12 and len(set(seen)) == 12
-    assert seen == step_seeds(5, 12)
+    # step i reads the device seed (key 5, offset i): a fresh Philox stream at every step
+    assert out.dtype == dtype and seen == [(5, i) for i in range(12)]
     x = x_T
     for i, t in enumerate(range(11, -1, -1)):
         tt = torch.full((2,), t, device=DEVICE)
-        x = reference.ddpm_step(x, model(x, tt), tt, ac, clip_x0=1.0, seed=seen[i])
+        x = reference.ddpm_step(x, model(x, tt), tt, ac, clip_x0=1.0,
+                                seed=torch.tensor([5, i], device=DEVICE))
     assert_close(out, x, dtype)
     assert torch.equal(ddpm_sample(model, x_T, ac, seed=5), out)
     assert not torch.equal(ddpm_sample(model, x_T, ac, seed=6), out)
@@ -219,3 +222,107 @@ def test_residual_model_diffuses_hq_minus_lq_and_adds_the_condition_back():
     b = plain(x0 - cond, cond)[0]
     torch.testing.assert_close(a, b)
     assert residual.to_image(x0) is x0  # without a condition there is nothing to add
+
+
+# --------------------------------------------------------------------------------------------------
+# the sampling loop as a CUDA graph
+
+
+def test_seed_state_is_the_key_at_offset_zero_on_the_device():
+    state = seed_state(5, "cpu")
+    assert state.dtype == torch.int64 and state.tolist() == [5, 0]
+    assert seed_state(-1, "cpu").tolist() == [2**63 - 1, 0]
+    assert not diffusion.cuda_graphs_available(state)
+
+
+def test_cuda_graph_on_a_cpu_runs_the_plain_loop_with_the_same_result():
+    ac = make_schedule("linear", 30)
+    x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    model = Affine()
+    runs = [
+        lambda graph: ddpm_sample(model, x_T, ac, seed=3, cuda_graph=graph),
+        lambda graph: ddim_sample(model, x_T, ac, steps=6, eta=0.7, seed=3, cuda_graph=graph),
+        lambda graph: sdedit(model, x_T.clamp(-1, 1), ac, 20, seed=3, ilvr_factor=2, cuda_graph=graph),
+        lambda graph: sdedit(model, x_T.clamp(-1, 1), ac, 20, steps=5, eta=0.5, seed=3, cuda_graph=graph),
+        lambda graph: GaussianDiffusion(model, ac).sample((2, 1, 8, 8), steps=4, eta=1.0, seed=3, device="cpu",
+                                                          cuda_graph=graph),
+    ]
+    for run in runs:
+        plain = run(False)
+        assert torch.equal(run(True), plain) and torch.isfinite(plain).all()
+    # the loop still draws fresh noise at every step: another seed, other samples
+    assert not torch.equal(ddpm_sample(model, x_T, ac, seed=4, cuda_graph=True), runs[0](False))
+
+
+def test_every_sampler_step_is_a_profiled_region():
+    ac = make_schedule("linear", 12)
+    x_T = torch.randn(2, 1, 4, 4)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        ddpm_sample(Affine(), x_T, ac, cuda_graph=True)
+        ddim_sample(Affine(), x_T, ac, steps=5)
+    assert sum(event.name == "sample.step" for event in prof.events()) == 12 + 5
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="CUDA graphs need a CUDA GPU; the CPU fallback is tested above")
+
+
+class _ConvDenoiser(torch.nn.Module):
+    """A small convolutional denoiser of (x, t, cond): cuDNN kernels and a timestep gather in the graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+        self.embed = torch.nn.Embedding(1000, 1)
+
+    def forward(self, x, t, cond=None):
+        return torch.tanh(self.conv(x) + self.embed(t).view(-1, 1, 1, 1))
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", ("torch", "triton", "cuda"))
+def test_cuda_graph_sampler_gives_the_plain_images_for_the_same_seed(backend, monkeypatch):
+    if backend == "cuda" and not ops._cuda_extension().supports("ddpm_step"):
+        pytest.skip("the CUDA extension dxr._C is not built here")
+    torch.manual_seed(0)
+    model = _ConvDenoiser().cuda()
+    ac = make_schedule("linear", 50).cuda()
+    x_T = torch.randn(3, 1, 32, 32, device="cuda", generator=torch.Generator("cuda").manual_seed(2))
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    for sample in (lambda graph, seed: ddpm_sample(model, x_T, ac, seed=seed, backend=backend, cuda_graph=graph),
+                   lambda graph, seed: ddim_sample(model, x_T, ac, steps=10, eta=1.0, seed=seed, backend=backend,
+                                                   cuda_graph=graph)):
+        plain = sample(False, 7)
+        graph = sample(True, 7)
+        assert torch.equal(graph, plain), (graph - plain).abs().max()
+        assert not torch.equal(sample(True, 8), plain)
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", ("torch", "triton", "cuda"))
+def test_each_replay_of_the_captured_step_draws_fresh_noise(backend):
+    if backend == "cuda" and not ops._cuda_extension().supports("ddpm_step"):
+        pytest.skip("the CUDA extension dxr._C is not built here")
+    ac = make_schedule("linear", 50).cuda()
+    zeros = torch.zeros(2, 1, 16, 16, device="cuda")
+    t = torch.full((2,), 30, device="cuda")
+
+    def step(x, state):  # x0 = 0 and x_t = 0: the step's output is σ·z alone
+        out = ops.ddpm_step(zeros, zeros, t, ac, variance="large", seed=state, backend=backend)
+        state[1:].add_(1)
+        return out
+
+    draws = {}
+    for graph in (False, True):
+        seen = []
+
+        def record(x, _t):
+            seen.append(x.clone())
+            return x
+
+        diffusion._run_chain(step, zeros, seed_state(11, "cuda"), [0, 0, 0, 0], record, graph)
+        draws[graph] = seen
+    for plain, replayed in zip(draws[False], draws[True]):
+        assert torch.equal(plain, replayed)
+    for a, b in zip(draws[True], draws[True][1:]):
+        assert (a != b).float().mean().item() > 0.99
