@@ -11,6 +11,11 @@ Tiles of all inputs are batched (``--batch-size``).
 Output: ``out/<name>.png`` (16-bit) for image inputs; ``out/<name>.dcm`` for DICOM inputs, keeping
 the source's patient and study attributes, with a new SOP Instance UID, marked DERIVED, its pixel
 spacing divided by the scale. Same seed → same images.
+
+``--cuda-graph`` captures one sampler step (network and fused step) in a CUDA graph per batch and
+replays it for every step, the same images with less launch overhead; on a CPU it runs the plain loop.
+``--profile nvtx`` marks every sampler step (``sample.step``) as an NVTX range for ``nsys``;
+``--profile torch`` writes a ``torch.profiler`` trace to ``out/trace.json``.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from dxr import profiling
 from dxr.cli import CommandError, run
 from dxr.inference import (PathLike, batches, default_device, load_stage_model, read_grayscale, resize,
                            size_multiple, to_signed, to_unit)
@@ -78,10 +84,12 @@ class Restorer:
     pixels (default: the model's image size, an eighth of it); ``batch_size`` tiles per network call,
     gathered across images. x_T of an image comes from ``seed`` and its position in the call, so with
     DDIM at eta 0 the result does not depend on the batching; step noise (DDPM, eta > 0) does.
+    ``cuda_graph`` replays each sampler step from a CUDA graph on a GPU (the same images).
     """
 
     def __init__(self, net, config, *, steps: int = 25, eta: float = 0.0, scale: int = 1, tile: Optional[int] = None,
-                 overlap: Optional[int] = None, batch_size: int = 8, seed: int = 0, progress: bool = False):
+                 overlap: Optional[int] = None, batch_size: int = 8, seed: int = 0, progress: bool = False,
+                 cuda_graph: bool = False):
         if config.stage not in RESTORING_STAGES:
             raise CommandError(f"a restorer needs a model of {RESTORING_STAGES}, got {config.stage}")
         if steps < 0:
@@ -100,7 +108,7 @@ class Restorer:
             raise CommandError(f"--batch-size must be >= 1, got {batch_size}")
         self.net, self.config = net, config
         self.steps, self.eta, self.scale, self.tile, self.overlap = steps, eta, scale, tile, overlap
-        self.batch_size, self.seed, self.progress = batch_size, seed, progress
+        self.batch_size, self.seed, self.progress, self.cuda_graph = batch_size, seed, progress, cuda_graph
 
     @classmethod
     def from_checkpoint(cls, checkpoint: PathLike, *, device=None, backend: Optional[str] = None,
@@ -155,7 +163,7 @@ class Restorer:
             jobs.setdefault(canvas.tile, []).extend((k, top, left) for top, left in canvas.starts)
         windows = {shape: blend_window(*shape, self.overlap, device=self.device) for shape in jobs}
         alphas = self.net.alphas_cumprod(self.device)
-        common = dict(prediction=self.net.prediction, backend=self.net.backend)
+        common = dict(prediction=self.net.prediction, backend=self.net.backend, cuda_graph=self.cuda_graph)
         bar = tqdm(total=sum(map(len, jobs.values())), desc="restoring", unit="tile", disable=not self.progress)
         group_index = 0
         for (tile_h, tile_w), tiles in jobs.items():
@@ -254,6 +262,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the noise")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"), default=None, help="kernels of the fused ops")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay each sampler step from a CUDA graph (a GPU; the plain loop on a CPU)")
+    p.add_argument("--profile", choices=profiling.MODES, default="none",
+                   help="nvtx: NVTX ranges per sampler step for nsys; torch: a torch.profiler trace in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -263,18 +275,20 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     files = _inputs(args.inputs)
     restorer = Restorer.from_checkpoint(args.checkpoint, device=args.device, backend=args.backend, steps=args.steps,
                                         eta=args.eta, scale=args.scale, tile=args.tile, overlap=args.overlap,
-                                        batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress)
+                                        batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
+                                        cuda_graph=args.cuda_graph)
     images = [read_grayscale(f) for f in files]  # every input checked before any work
     for path, image in zip(files, images):
         if min(image.shape) < 8:
             raise CommandError(f"{path}: {image.shape[1]}×{image.shape[0]} pixels is too small to restore (at least 8×8)")
     description = f"dxr {restorer.config.stage} restoration ({restorer.settings()['sampler']}, x{args.scale})"
     out = Path(args.out)
-    for first in range(0, len(files), 16):  # bounded memory; tiles batched across a chunk of inputs
-        chunk = list(zip(files, images))[first:first + 16]
-        restored = restorer.restore([torch.from_numpy(image)[None, None] for _, image in chunk], first=first)
-        for (path, _), result in zip(chunk, restored):
-            print(write_restored(path, result[0, 0], out, scale=args.scale, description=description))
+    with profiling.session(args.profile, out):
+        for first in range(0, len(files), 16):  # bounded memory; tiles batched across a chunk of inputs
+            chunk = list(zip(files, images))[first:first + 16]
+            restored = restorer.restore([torch.from_numpy(image)[None, None] for _, image in chunk], first=first)
+            for (path, _), result in zip(chunk, restored):
+                print(write_restored(path, result[0, 0], out, scale=args.scale, description=description))
     return 0
 
 

@@ -20,6 +20,11 @@ default's ``hq/``): then each split becomes its own paired folder. Output::
 Images are resized to the model's training size (``--image-size`` to change it) and HQ is written at
 that size too, so a pair is aligned pixel for pixel. The folder appears atomically when complete; an
 existing one is kept unless ``--overwrite``. The same seed and batch size give the same pairs.
+
+``--cuda-graph`` (ddpm) captures one sampler step in a CUDA graph per batch and replays it for every
+step, the same pairs; on a CPU it runs the plain loop. ``--profile nvtx`` marks every sampler step
+(``sample.step``) as an NVTX range for ``nsys``; ``--profile torch`` writes a ``torch.profiler`` trace to
+``out/trace.json`` once the folder is complete.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from dxr import profiling
 from dxr.cli import CommandError, run
 from dxr.inference import (batches, default_device, load_stage_model, read_grayscale, resize, size_multiple,
                            to_signed, to_unit)
@@ -56,11 +62,13 @@ class Degrader:
 
     ``generator`` "munit" or "ddpm"; ``style_images`` (M, 1, H, W) in [0, 1]: MUNIT reference styles, used
     in turn; the rest as the module docstring says. Each batch's noise comes from ``seed`` and the batch's
-    position, so the same seed and batch size give the same images.
+    position, so the same seed and batch size give the same images. ``cuda_graph`` (ddpm) replays each
+    sampler step from a CUDA graph on a GPU, the same images.
     """
 
     def __init__(self, net, config, generator: str, *, strength: float = 0.4, steps: int = 25,
-                 ilvr: Optional[int] = None, style_images: Optional[Tensor] = None, seed: int = 0):
+                 ilvr: Optional[int] = None, style_images: Optional[Tensor] = None, seed: int = 0,
+                 cuda_graph: bool = False):
         if generator not in GENERATORS:
             raise CommandError(f"--generator must be one of {tuple(GENERATORS)}, got {generator!r}")
         if steps < 0:
@@ -69,7 +77,7 @@ class Degrader:
             raise CommandError(f"--ilvr must be a factor >= 1, got {ilvr}")
         self.net, self.config, self.generator = net, config, generator
         self.steps, self.ilvr, self.style_images, self.seed = steps, ilvr, style_images, seed
-        self.strength = strength
+        self.strength, self.cuda_graph = strength, cuda_graph
         self.t0 = strength_to_t0(strength, net.alphas_cumprod("cpu")) if generator == "ddpm" else None
         self.count = 0  # images translated so far: the per-image seed offset
 
@@ -87,7 +95,8 @@ class Degrader:
                 style = to_signed(self.style_images[picks]).to(device)
             lq = self.net.hq_to_lq(x, style)
         else:
-            lq = self.net.sdedit(x, self.t0, steps=self.steps or None, seed=seed, ilvr_factor=self.ilvr)
+            lq = self.net.sdedit(x, self.t0, steps=self.steps or None, seed=seed, ilvr_factor=self.ilvr,
+                                 cuda_graph=self.cuda_graph)
         return to_unit(lq).cpu()
 
     def settings(self) -> dict:
@@ -192,6 +201,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the styles and the noise")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"), default=None, help="kernels of the fused ops")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="ddpm: replay each sampler step from a CUDA graph (a GPU; the plain loop on a CPU)")
+    p.add_argument("--profile", choices=profiling.MODES, default="none",
+                   help="nvtx: NVTX ranges per sampler step for nsys; torch: a torch.profiler trace in --out")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -221,14 +234,15 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     elif args.style_images:
         raise CommandError("--style-images is for --style reference")
     degrader = Degrader(net, config, args.generator, strength=args.strength, steps=args.steps, ilvr=args.ilvr,
-                        style_images=styles, seed=args.seed)
+                        style_images=styles, seed=args.seed, cuda_graph=args.cuda_graph)
     checkpoint = Path(args.checkpoint)
     checkpoint = checkpoint / "checkpoint.safetensors" if checkpoint.is_dir() else checkpoint
     provenance = {"checkpoint": {"path": str(checkpoint.absolute()), "sha256": file_sha256(checkpoint),
                                  "stage": config.stage, "image_size": config.image_size}}
-    out = synthesize(degrader, Path(args.hq), Path(args.out), image_size=image_size, batch_size=args.batch_size,
-                     max_images=args.max_images, split=args.split, overwrite=args.overwrite, progress=not args.no_progress,
-                     provenance=provenance)
+    with profiling.session(args.profile, args.out):
+        out = synthesize(degrader, Path(args.hq), Path(args.out), image_size=image_size, batch_size=args.batch_size,
+                         max_images=args.max_images, split=args.split, overwrite=args.overwrite,
+                         progress=not args.no_progress, provenance=provenance)
     print(out)
     return 0
 

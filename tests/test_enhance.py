@@ -85,6 +85,27 @@ def test_scale_two_doubles_the_size_and_writes_16_bit_png(tmp_path, runs):
         assert written.size == (40, 40) and written.mode.startswith("I")
 
 
+def test_cuda_graph_falls_back_on_a_cpu_and_a_torch_profile_traces_every_step(tmp_path, runs):
+    import json
+
+    image, _ = radiograph(np.random.default_rng(8), 20)
+    write_png16(tmp_path / "in" / "a.png", image)
+    base = ["--checkpoint", str(runs[1] / "hq-ddpm-munit"), str(tmp_path / "in"), "--steps", "3", "--eta", "0.5",
+            "--device", "cpu", "--no-progress"]
+    assert enhance.main([*base, "--out", str(tmp_path / "plain")]) == 0
+    assert enhance.main([*base, "--out", str(tmp_path / "graph"), "--cuda-graph", "--profile", "torch"]) == 0
+    np.testing.assert_array_equal(read_image(tmp_path / "graph" / "a.png"), read_image(tmp_path / "plain" / "a.png"))
+    trace = json.loads((tmp_path / "graph" / "trace.json").read_text())
+    assert sum(e.get("name") == "sample.step" for e in trace["traceEvents"]) == 3  # one batch of tiles, three DDIM steps
+    assert not (tmp_path / "plain" / "trace.json").exists()
+    parsed = enhance._parser().parse_args(["--checkpoint", "c", "x.png", "--out", "o", "--cuda-graph",
+                                           "--profile", "nvtx"])
+    assert parsed.cuda_graph and parsed.profile == "nvtx"
+    assert enhance._parser().parse_args(["--checkpoint", "c", "x.png", "--out", "o"]).profile == "none"
+    with pytest.raises(SystemExit):
+        enhance._parser().parse_args(["--checkpoint", "c", "x.png", "--out", "o", "--profile", "perf"])
+
+
 def test_one_tile_equals_the_untiled_sampler(restorer):
     image = torch.from_numpy(radiograph(np.random.default_rng(7))[0]).float()[None, None]
     tiled = restorer(image)

@@ -66,6 +66,26 @@ def test_the_split_asked_alone_and_same_seed_same_pairs(tmp_path, runs):
         np.testing.assert_array_equal(read_image(path), read_image(again / "test" / "lq" / path.name))
 
 
+def test_cuda_graph_falls_back_on_a_cpu_and_a_torch_profile_traces_every_step(tmp_path, runs):
+    args = ("--split", "test", "--steps", "2", "--seed", "3")
+    plain, _ = _synth(tmp_path / "plain", runs, "ddpm", *args)
+    graphed, _ = _synth(tmp_path / "graph", runs, "ddpm", *args, "--cuda-graph", "--profile", "torch")
+    for path in sorted((plain / "test" / "lq").iterdir()):  # the same pairs as the plain loop
+        np.testing.assert_array_equal(read_image(path), read_image(graphed / "test" / "lq" / path.name))
+    trace = json.loads((graphed / "trace.json").read_text())
+    steps = [e for e in trace["traceEvents"] if e.get("name") == "sample.step"]
+    assert steps and len(steps) % 2 == 0  # two DDIM steps per batch
+    assert not (plain / "trace.json").exists()
+    parsed = synth._parser().parse_args(["--generator", "ddpm", "--checkpoint", "c", "--hq", "h", "--out", "o",
+                                         "--cuda-graph", "--profile", "nvtx"])
+    assert parsed.cuda_graph and parsed.profile == "nvtx"
+    assert synth._parser().parse_args(["--generator", "ddpm", "--checkpoint", "c", "--hq", "h", "--out", "o"]).profile \
+        == "none"
+    with pytest.raises(SystemExit):
+        synth._parser().parse_args(["--generator", "ddpm", "--checkpoint", "c", "--hq", "h", "--out", "o",
+                                    "--profile", "perf"])
+
+
 def test_strength_is_a_noise_level_under_every_schedule():
     for schedule in ("linear", "cosine"):
         alphas = make_schedule(schedule, 1000)
