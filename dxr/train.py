@@ -5,9 +5,12 @@ With no other flag it trains DDPM-LQ on the embedded default dataset with the ``
 ``metrics.jsonl``, ``samples/step_NNNNNNN.png`` and ``loss.png``. ``--resume`` continues a run exactly
 where its checkpoint left it; Ctrl-C finishes the current step, saves and exits. Several GPUs or
 machines: ``torchrun --nproc_per_node=N -m dxr.train ...`` (DistributedDataParallel; rank 0 logs and saves).
+``--profile nvtx`` marks the phases of each step (``train.data``, ``train.forward``, ``train.backward``,
+``train.optimizer``) for ``nsys profile -t cuda,nvtx``; ``--profile torch`` writes them in a torch.profiler
+trace, ``runs/<stage>/trace.json``.
 
-The pieces: ``dxr.training.config`` (settings, presets), ``stages`` (networks, data, grids),
-``data`` (resumable data order), ``checkpoint`` and ``report``.
+The pieces: ``dxr.training.config`` (settings, presets), ``stages`` (one record per stage: networks, data,
+grids), ``data`` (resumable data order), ``checkpoint`` and ``report`` (metrics and its logging window, grids).
 """
 
 from __future__ import annotations
@@ -38,6 +41,11 @@ from dxr.training.report import MetricsLog, save_grid, save_loss_curve
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def autocast(config: TrainConfig, device: torch.device) -> torch.autocast:
+    """Mixed precision as ``config.precision`` asks (off for fp32)."""
+    return torch.autocast(device.type, dtype=AMP_DTYPES.get(config.precision), enabled=config.precision != "fp32")
+
+
 # --------------------------------------------------------------------------------------------------
 # one step
 
@@ -49,8 +57,7 @@ def train_step(model: nn.Module, updates: Sequence[stages.Update], inputs: tuple
     logs = {}
     for update in updates:
         update.optimizer.zero_grad(set_to_none=True)
-        with profiling.region("train.forward"), torch.autocast(device.type, dtype=AMP_DTYPES.get(config.precision),
-                                                               enabled=config.precision != "fp32"):
+        with profiling.region("train.forward"), autocast(config, device):
             loss, parts = model(*inputs, update.part)
         with profiling.region("train.backward"):
             scaler.scale(loss).backward()
@@ -187,7 +194,7 @@ def train(config: TrainConfig, profile: Optional[str] = None) -> Path:
             return
         shown = ema if ema is not None else net
         shown.eval()
-        with torch.autocast(device.type, dtype=AMP_DTYPES.get(config.precision), enabled=config.precision != "fp32"):
+        with autocast(config, device):
             rows = stages.sample_rows(config, shown, preview, seed=config.seed, device=device)
         net.train()
         grid = out / "samples" / f"step_{step:07d}.png"

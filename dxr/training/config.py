@@ -131,7 +131,8 @@ class TrainConfig:
 
 
 def preset(name: str, stage: str = "lq-ddpm", **changes) -> TrainConfig:
-    """The configuration of preset ``name`` for ``stage``, with ``changes`` applied to top-level fields."""
+    """The configuration of preset ``name`` for ``stage`` (the preset's values, then the stage's own, from its
+    record's ``settings`` in ``dxr.training.stages``), with ``changes`` applied to top-level fields."""
     if name == "cpu-demo":
         base = TrainConfig(
             stage=stage, preset=name,
