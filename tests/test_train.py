@@ -541,3 +541,20 @@ def test_metrics_log_window_means_each_loss_and_carries_an_open_window_over(tmp_
     resumed.add({"loss": torch.tensor(5.0)})
     assert resumed.write_window(5, lr=0.1)["loss"] == 4.5
     assert [r["step"] for r in _losses(tmp_path)] == [3, 5]
+
+
+def test_profile_nvtx_turns_nvtx_on_for_the_loop_alone(data, tmp_path, monkeypatch):
+    from dxr import profiling
+
+    seen = []
+    real_step = train_mod.train_step
+
+    def recording_step(*args, **kwargs):
+        seen.append(profiling.nvtx_enabled())
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_step", recording_step)
+    before = profiling.nvtx_enabled()
+    assert train_mod.main(_args("lq-ddpm", data, tmp_path, "--steps", "2", "--profile", "nvtx")) == 0
+    assert seen == [True, True] and profiling.nvtx_enabled() == before
+    assert not (tmp_path / "trace.json").exists()
