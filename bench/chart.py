@@ -74,6 +74,8 @@ def _e2e_bars(rows: list) -> list:
 def _from_pytest_benchmark(record: dict) -> Chart:
     ops, ends = [], []
     for bench in record["benchmarks"]:
+        if not bench.get("stats"):  # a case run with --benchmark-disable: untimed
+            continue
         info, ms = bench.get("extra_info", {}), bench["stats"]["median"] * 1e3
         if "op" in info:
             ops.append({"op": info["op"], "case": info["case"], "mode": info["mode"], "backend": info["backend"],
@@ -133,7 +135,7 @@ def plot(chart: Chart, out, title: Optional[str] = None) -> Path:
     font = ImageFont.load_default(size=11)
     heading = ImageFont.load_default(size=14)
     height = MARGIN + 28 + sum(ROW * (len(bars) + 3) for _, bars in sections) + MARGIN
-    image = Image.new("RGB", (MARGIN + LABEL_W + PLOT_W + MARGIN, height), (255, 255, 255))
+    image = Image.new("RGB", (MARGIN + LABEL_W + PLOT_W + 4 * MARGIN, height), (255, 255, 255))  # room for "100x"
     draw = ImageDraw.Draw(image)
     draw.text((MARGIN, MARGIN), _plain(title or f"Speedups over eager: {chart.device}, {chart.date}"), fill=INK,
               font=heading)
