@@ -336,6 +336,11 @@ def test_seed_tensor_noise_is_the_documented_philox_stream_on_every_backend():
     assert [int(w) for w in reference.philox4x32(key, *words)] == [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
     zero = [torch.zeros(1, dtype=torch.int64)] * 4
     assert [int(w) for w in reference.philox4x32(zero[0], *zero)] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    # int64 products of 32-bit words wrap modulo 2**64 and so keep both words exactly, on the device too
+    words = torch.tensor([0, 1, 0x7FFFFFFF, 0x80000000, 0xD2511F53, 0xFFFFFFFF], dtype=torch.int64, device=DEVICE)
+    for multiplier in (0xD2511F53, 0xCD9E8D57, 0xFFFFFFFF):
+        hi, lo = reference._mulhilo(torch.tensor(multiplier, device=DEVICE), words)
+        assert [(int(h) << 32) | int(w) for h, w in zip(hi, lo)] == [multiplier * int(w) for w in words]
 
 
 def test_seed_tensor_noise_is_standard_normal_and_each_offset_a_fresh_stream():

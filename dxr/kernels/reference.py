@@ -91,25 +91,26 @@ _WORD = 0xFFFFFFFF
 
 
 def _mulhilo(a, b):
-    """(high, low) 32-bit words of the product of the constant a and the 32-bit words b (int64 tensors),
-    through 16-bit halves of b so that no intermediate leaves int64."""
-    low_part = a * (b & 0xFFFF)
-    high_part = a * (b >> 16)
-    s = low_part + ((high_part & 0xFFFF) << 16)
-    return (high_part >> 16) + (s >> 32), s & _WORD
+    """(high, low) 32-bit words of the products a·b of 32-bit words held in int64 tensors. The product
+    wraps modulo 2⁶⁴ in int64 (two's complement, as torch's integer kernels do), which keeps all 64 bits."""
+    p = a * b
+    return (p >> 32) & _WORD, p & _WORD
 
 
 def philox4x32(key, c0, c1, c2, c3):
     """Philox4x32-10 (Salmon et al., SC'11) on int64 tensors holding 32-bit words: counters (c0, c1, c2, c3)
     under the 64-bit ``key`` (an int64 tensor, its bits taken as unsigned). Returns the four output words."""
-    k0, k1 = key & _WORD, (key >> 32) & _WORD
+    k = torch.stack([key & _WORD, (key >> 32) & _WORD]).reshape(2, *[1] * c0.dim())
+    step = torch.tensor(_PHILOX_KEY_STEP, dtype=torch.int64, device=c0.device).reshape(k.shape)
+    multiplier = torch.tensor(_PHILOX_ROUND, dtype=torch.int64, device=c0.device).reshape(k.shape)
+    # the two words each round multiplies, (c0, c2), and the two it only mixes in, (c1, c3), side by side
+    mixed, passed = torch.stack([c0, c2]), torch.stack([c1, c3])
     for _ in range(10):
-        hi0, lo0 = _mulhilo(_PHILOX_ROUND[0], c0)
-        hi1, lo1 = _mulhilo(_PHILOX_ROUND[1], c2)
-        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-        k0 = (k0 + _PHILOX_KEY_STEP[0]) & _WORD
-        k1 = (k1 + _PHILOX_KEY_STEP[1]) & _WORD
-    return c0, c1, c2, c3
+        hi, lo = _mulhilo(multiplier, mixed)
+        # (c0, c1, c2, c3) ← (hi(B·c2) ^ c1 ^ k0, lo(B·c2), hi(A·c0) ^ c3 ^ k1, lo(A·c0))
+        mixed, passed = hi.flip(0) ^ passed ^ k, lo.flip(0)
+        k = (k + step) & _WORD
+    return mixed[0], passed[0], mixed[1], passed[1]
 
 
 def _uniform(word):
