@@ -183,7 +183,7 @@ def run_ptxas(ptx: str, arch: Arch) -> dict:
 
 
 def _config_text(kwargs: dict) -> str:
-    keys = [k for k in kwargs if k.isupper() or k in ("num_warps", "num_stages")]
+    keys = [k for k in kwargs if k.isupper() or (k in ("num_warps", "num_stages", "maxnreg") and kwargs[k] is not None)]
     return " ".join(f"{k}={kwargs[k]}" for k in sorted(keys))
 
 
@@ -306,7 +306,7 @@ def _group_norm_cases() -> Iterator[Case]:
                 def thunk(shape=shape, groups=groups, cl=cl, dtype=dtype, affine=affine, silu=silu):
                     x = torch.empty(shape, dtype=dtype)
                     if cl:
-                        x = x.transpose(1, -1).contiguous().transpose(1, -1)
+                        x = x.movedim(1, -1).contiguous().movedim(-1, 1)  # channels innermost
                     c = shape[1]
                     w = torch.ones(c, dtype=dtype) if affine else None
                     b = torch.zeros(c, dtype=dtype) if affine else None
@@ -331,7 +331,7 @@ def _adain_cases() -> Iterator[Case]:
             def thunk(shape=shape, cl=cl, dtype=dtype):
                 x = torch.empty(shape, dtype=dtype)
                 if cl:
-                    x = x.transpose(1, -1).contiguous().transpose(1, -1)
+                    x = x.movedim(1, -1).contiguous().movedim(-1, 1)  # channels innermost
                 n, c = shape[:2]
                 scale, shift = torch.ones(n, c), torch.zeros(n, c)
                 y, mean, rstd = adain.adain_fwd(x, scale, shift, 1e-5)
