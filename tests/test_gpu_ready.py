@@ -145,3 +145,44 @@ def test_a_cases_file_without_cases_is_one_line_and_exit_2(tmp_path):
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2
     assert "--cases:" in proc.stderr and "defining CASES" in proc.stderr and "Traceback" not in proc.stderr
+
+
+LAYOUT_PROBE = '''
+import sys
+sys.path.insert(0, {bench!r})
+import gpu_ready
+from dxr.kernels.triton import adain, group_norm as gn
+
+
+class Seen(Exception):
+    pass
+
+
+def probe(x, *args, **kwargs):
+    raise Seen(x)
+
+
+gn.group_norm_silu_fwd = adain.adain_fwd = probe
+checked = wrong = 0
+for op, label, thunk, quick in [*gpu_ready._group_norm_cases(), *gpu_ready._adain_cases()]:
+    if " cl " not in label:
+        continue
+    try:
+        thunk()
+    except Seen as seen:
+        x = seen.args[0]
+        checked += 1
+        wrong += not x.movedim(1, -1).is_contiguous()
+print(checked, wrong)
+'''
+
+
+def test_channels_last_cases_hand_the_kernels_channels_innermost_tensors():
+    # a 4-D transpose(1, -1) round trip is channels-last of the transposed image, which the kernels
+    # copy to contiguous: such cases would never compile the channels-last addressing they name
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = LAYOUT_PROBE.format(bench=str(REPO / "bench"))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    checked, wrong = map(int, proc.stdout.split())
+    assert checked >= 10 and wrong == 0, proc.stdout
