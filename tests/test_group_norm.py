@@ -314,3 +314,31 @@ def test_fuzz_shapes(n, groups, per_group, spatial, dtype, layout, silu, path, s
     w, b = _params(shape[1], seed=seed + 1)
     dy = _random(shape, dtype, layout, seed=seed + 2)
     _check_launch(x, w, b, groups, silu, dy, path)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_split_plan_with_more_tile_slots_than_tiles(layout):
+    # 5 spatial tiles of 16 in 3 splits of 2: the last split's second slot lies past S, and the apply
+    # pass (which takes the splits' tiles last step first) must leave it masked and cover the rest once
+    x = _random((2, 12, 70), layout=layout, seed=7)
+    if layout == "channels_last":  # an (N, L, C) tensor seen as (N, C, L)
+        x = _random((2, 70, 12), seed=7).transpose(1, 2)
+    w, b = _params(12, seed=8)
+    dy = _random(tuple(x.shape), seed=9)
+    plan = gn.Plan(False, 4, 16, 3, 2)
+    want = _reference(x, w, b, 3, True, dy)
+    y, mean, rstd = gn.group_norm_silu_fwd(x, w, b, 3, EPS, True, plan=plan)
+    dx, dw, db = gn.group_norm_silu_bwd(dy, x, w, b, mean, rstd, 3, True, plan=plan)
+    for name, a, ref in zip(("y", "mean", "rstd", "dx", "dweight", "dbias"), (y, mean, rstd, dx, dw, db), want):
+        assert_close(a, ref, torch.float32, msg=name)
+
+
+def test_register_cap_leaves_room_for_two_programs_per_sm():
+    from dxr.kernels.triton import common
+
+    assert [common.register_cap(w) for w in (1, 4, 8, 16, 32)] == [255, 255, 128, 64, 32]
+    assert common.register_cap(8, programs_per_sm=3) == 80  # 65536 / (256 · 3) = 85.3, down to a multiple of 8
+    for warps in (4, 8, 16):
+        assert common.register_cap(warps) * 32 * warps * 2 <= common.REGISTERS_PER_SM
+    with pytest.raises(ValueError, match="num_warps"):
+        common.register_cap(0)

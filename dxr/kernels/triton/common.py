@@ -28,6 +28,22 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# 32-bit registers per SM (every architecture from sm_50 to sm_100)
+REGISTERS_PER_SM = 65536
+
+
+def register_cap(num_warps: int, programs_per_sm: int = 2) -> int:
+    """The ``maxnreg`` that still lets ``programs_per_sm`` programs of ``num_warps`` warps share an SM
+    (a multiple of 8, or 255 where that is lower).
+
+    Without a cap ptxas picks its own occupancy target and will spill a few registers to meet it (4-20
+    bytes in GroupNorm kernels of 4 and 8 warps); with one it allocates up to the cap and spills only when
+    the kernel needs more."""
+    if num_warps <= 0:
+        raise ValueError(f"num_warps must be positive, got {num_warps}")
+    return min(255, REGISTERS_PER_SM // (32 * num_warps * programs_per_sm) // 8 * 8)
+
+
 def deterministic() -> bool:
     """Whether ``DXR_DETERMINISTIC=1`` pins each autotuned kernel to one configuration."""
     return os.environ.get("DXR_DETERMINISTIC", "0").lower() in ("1", "true", "yes", "on")

@@ -22,7 +22,9 @@ Two paths, chosen by :func:`choose_plan` from the shapes:
   enough to fill the GPU at batch 1. Each writes a partial result (forward: count, mean and sum of
   squared deviations, merged tile by tile with Chan's formula; backward: Σ g and Σ g·xhat), then one
   program per tile combines the few partials of its group and normalises (forward) or forms dx
-  (backward).
+  (backward). The split path reads x (and dy) twice; the tile programs run in the reverse of the
+  order in which the statistics programs read their tiles, so the second read starts with what is
+  still in L2 and comes from DRAM only for the part of x that L2 could not hold.
 
 Precision. The forward's sums run over x minus the group's first element, and the variance is the sum of
 squared deviations from the mean, never E[x²] - E[x]², so an input like 100 + noise keeps the digits
@@ -36,8 +38,9 @@ program go to their own row of a float32 buffer (one row per sample on-chip, per
 otherwise) that a second reduction sums: no atomics, so two runs are bitwise identical. The group sums
 Σ g = Σ_c w_c Σ dz and Σ g·xhat = Σ_c w_c Σ dz·xhat come from those per-channel sums.
 
-Tuning. Block sizes follow from the shapes; on a GPU the warps per program are autotuned per shape on
-the first call; the interpreter runs one configuration.
+Tuning. Block sizes follow from the shapes; on a GPU the warps per program (4, 8 or 16, each with a
+register cap that leaves room for two programs per SM, so ptxas never spills to reach an occupancy of
+its own) are autotuned per shape on the first call; the interpreter runs one configuration.
 """
 
 from __future__ import annotations
@@ -114,7 +117,8 @@ def _configs():
     # several configurations cannot be benchmarked under the interpreter ("0 active drivers")
     if common.interpreting():
         return [triton.Config({}, num_warps=4)]
-    return [triton.Config({}, num_warps=warps) for warps in (4, 8, 16)]
+    # a register cap keeps ptxas from spilling to reach an occupancy of its own choosing
+    return [triton.Config({}, num_warps=warps, maxnreg=common.register_cap(warps)) for warps in (4, 8, 16)]
 
 
 # warps are tuned per shape and tile (the autotuner adds the tensors' dtypes to the key)
@@ -126,8 +130,15 @@ _KEY = ["G", "CPG", "S", "BLOCK_C", "BLOCK_S"]
 
 
 @triton.jit
-def _channels(g, c0, CPG, BLOCK_C: tl.constexpr):
-    """Channels (BLOCK_C,) of group g from its channel c0, and their mask."""
+def _channels(g, c0, CPG, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr):
+    """Channels (BLOCK_C,) of group g from its channel c0, and their mask.
+
+    EVEN_C (BLOCK_C divides CPG): every lane is a channel and the first is a multiple of BLOCK_C. The
+    mask is then a constant and the start a known multiple, which is what lets a channels-last tile load
+    its BLOCK_C neighbouring channels as one vector rather than element by element."""
+    if EVEN_C:
+        chan = tl.multiple_of(g * CPG + c0, BLOCK_C) + tl.arange(0, BLOCK_C)
+        return chan, tl.full((BLOCK_C,), 1, tl.int1)
     cg = c0 + tl.arange(0, BLOCK_C)
     return g * CPG + cg, cg < CPG
 
@@ -188,7 +199,12 @@ def _total(tile):
 @triton.jit
 def _split_program(G, CPG, SPLITS, BLOCK_C: tl.constexpr):
     """(sample, group, channel block, split) of a split-path statistics program, group fastest."""
-    pid = tl.program_id(0)
+    return _split_lane(tl.program_id(0), G, CPG, SPLITS, BLOCK_C)
+
+
+@triton.jit
+def _split_lane(pid, G, CPG, SPLITS, BLOCK_C: tl.constexpr):
+    """(sample, group, channel block, split) of statistics program ``pid``."""
     g = pid % G
     rest = pid // G
     blocks = tl.cdiv(CPG, BLOCK_C)
@@ -198,16 +214,20 @@ def _split_program(G, CPG, SPLITS, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _tile_program(G, CPG, S, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    """(sample, group, channel block, spatial tile) of a split-path apply program, group fastest."""
+def _apply_program(G, CPG, SPLITS, TILES, BLOCK_C: tl.constexpr):
+    """(sample, group, channel block, spatial tile, live) of a split-path apply program.
+
+    The statistics programs all run at once, each walking its TILES tiles in order, so the last tiles
+    they read are the ones still in L2 when the apply pass starts. The apply programs take the tiles in
+    the reverse of that order: step TILES - 1 of every statistics program first, step 0 last, so the
+    second read of x comes from L2 for as much of x as L2 holds. A tile past S (in the last split of a
+    ragged group) is masked off whole."""
     pid = tl.program_id(0)
-    g = pid % G
-    rest = pid // G
-    tiles = tl.cdiv(S, BLOCK_S)
-    st = rest % tiles
-    rest = rest // tiles
-    blocks = tl.cdiv(CPG, BLOCK_C)
-    return rest // blocks, g, rest % blocks, st
+    lanes = tl.num_programs(0) // TILES
+    step = TILES - 1 - pid // lanes
+    n, g, cb, sp = _split_lane(pid % lanes, G, CPG, SPLITS, BLOCK_C)
+    st = sp * TILES + step
+    return n, g, cb, st
 
 
 # --------------------------------------------------------------------------------------------------
@@ -234,13 +254,14 @@ def _fwd_onchip_kernel(
     HAS_B: tl.constexpr,  # bias given
     SILU: tl.constexpr,  # apply the SiLU
     BLOCK_C: tl.constexpr,  # channels per tile, ≥ CPG
+    EVEN_C: tl.constexpr,  # BLOCK_C divides CPG
     BLOCK_S: tl.constexpr,  # positions per tile, ≥ S
 ):
     pid = tl.program_id(0)
     n = pid // G
     g = pid % G
     base = n.to(tl.int64) * stride_n
-    chan, c_mask = _channels(g, 0, CPG, BLOCK_C)
+    chan, c_mask = _channels(g, 0, CPG, BLOCK_C, EVEN_C)
     offs, mask = _offsets(chan, c_mask, 0, S, stride_c, stride_s, BLOCK_S)
     x = _load_f32(x_ptr + base, offs, mask)
     count = CPG * S * 1.0
@@ -271,13 +292,14 @@ def _fwd_partial_kernel(
     SPLITS,  # programs per (sample, group, channel block)
     TILES,  # consecutive spatial tiles per program
     BLOCK_C: tl.constexpr,  # channels per tile
+    EVEN_C: tl.constexpr,  # BLOCK_C divides CPG
     BLOCK_S: tl.constexpr,  # positions per tile
 ):
     n, g, cb, sp = _split_program(G, CPG, SPLITS, BLOCK_C)
     base = n.to(tl.int64) * stride_n
     c0 = cb * BLOCK_C
     first = sp * TILES * BLOCK_S
-    chan, c_mask = _channels(g, c0, CPG, BLOCK_C)
+    chan, c_mask = _channels(g, c0, CPG, BLOCK_C, EVEN_C)
     valid_c = tl.minimum(CPG - c0, BLOCK_C)
     # deviations from the group's first element keep a large common offset out of the sums
     pivot = tl.load(x_ptr + base + g * CPG * stride_c).to(tl.float32)
@@ -322,14 +344,17 @@ def _fwd_apply_kernel(
     stride_s,  # element stride between spatial positions
     eps,  # added to the variance
     P,  # partials per group
+    SPLITS,  # statistics programs per (sample, group, channel block)
+    TILES,  # spatial tiles per statistics program
     HAS_W: tl.constexpr,  # weight given
     HAS_B: tl.constexpr,  # bias given
     SILU: tl.constexpr,  # apply the SiLU
     BLOCK_C: tl.constexpr,  # channels per tile
+    EVEN_C: tl.constexpr,  # BLOCK_C divides CPG
     BLOCK_S: tl.constexpr,  # positions per tile
     BLOCK_P: tl.constexpr,  # ≥ P
 ):
-    n, g, cb, st = _tile_program(G, CPG, S, BLOCK_C, BLOCK_S)
+    n, g, cb, st = _apply_program(G, CPG, SPLITS, TILES, BLOCK_C)
     row = n * G + g
     j = tl.arange(0, BLOCK_P)
     parts = part_ptr + (row * P + j) * 3
@@ -347,7 +372,7 @@ def _fwd_apply_kernel(
     tl.store(mean_ptr + row, pivot + mean, mask=first)
     tl.store(rstd_ptr + row, rstd, mask=first)
 
-    chan, c_mask = _channels(g, cb * BLOCK_C, CPG, BLOCK_C)
+    chan, c_mask = _channels(g, cb * BLOCK_C, CPG, BLOCK_C, EVEN_C)
     offs, mask = _offsets(chan, c_mask, st * BLOCK_S, S, stride_c, stride_s, BLOCK_S)
     x = _load_f32(x_ptr + base, offs, mask)
     w, b = _channel_params(w_ptr, b_ptr, chan, c_mask, HAS_W, HAS_B)
@@ -383,13 +408,14 @@ def _bwd_onchip_kernel(
     HAS_B: tl.constexpr,  # bias given
     SILU: tl.constexpr,  # the forward applied the SiLU
     BLOCK_C: tl.constexpr,  # channels per tile, ≥ CPG
+    EVEN_C: tl.constexpr,  # BLOCK_C divides CPG
     BLOCK_S: tl.constexpr,  # positions per tile, ≥ S
 ):
     pid = tl.program_id(0)
     n = pid // G
     g = pid % G
     base = n.to(tl.int64) * stride_n
-    chan, c_mask = _channels(g, 0, CPG, BLOCK_C)
+    chan, c_mask = _channels(g, 0, CPG, BLOCK_C, EVEN_C)
     offs, mask = _offsets(chan, c_mask, 0, S, stride_c, stride_s, BLOCK_S)
     mean = tl.load(mean_ptr + pid)
     rstd = tl.load(rstd_ptr + pid)
@@ -434,6 +460,7 @@ def _bwd_partial_kernel(
     HAS_B: tl.constexpr,  # bias given
     SILU: tl.constexpr,  # the forward applied the SiLU
     BLOCK_C: tl.constexpr,  # channels per tile
+    EVEN_C: tl.constexpr,  # BLOCK_C divides CPG
     BLOCK_S: tl.constexpr,  # positions per tile
 ):
     n, g, cb, sp = _split_program(G, CPG, SPLITS, BLOCK_C)
@@ -442,7 +469,7 @@ def _bwd_partial_kernel(
     first = sp * TILES * BLOCK_S
     mean = tl.load(mean_ptr + n * G + g)
     rstd = tl.load(rstd_ptr + n * G + g)
-    chan, c_mask = _channels(g, c0, CPG, BLOCK_C)
+    chan, c_mask = _channels(g, c0, CPG, BLOCK_C, EVEN_C)
     w, b = _channel_params(w_ptr, b_ptr, chan, c_mask, HAS_W, HAS_B)
     # tiles summed elementwise in the loop and reduced once after it: a reduction inside the loop makes
     # Triton 3.6's sm_90 pipeline fail (TritonGPUOptimizeThreadLocality) for narrow float32 tiles
@@ -484,14 +511,17 @@ def _bwd_apply_kernel(
     stride_c,  # element stride between channels
     stride_s,  # element stride between spatial positions
     P,  # partials per group
+    SPLITS,  # statistics programs per (sample, group, channel block)
+    TILES,  # spatial tiles per statistics program
     HAS_W: tl.constexpr,  # weight given
     HAS_B: tl.constexpr,  # bias given
     SILU: tl.constexpr,  # the forward applied the SiLU
     BLOCK_C: tl.constexpr,  # channels per tile
+    EVEN_C: tl.constexpr,  # BLOCK_C divides CPG
     BLOCK_S: tl.constexpr,  # positions per tile
     BLOCK_P: tl.constexpr,  # ≥ P
 ):
-    n, g, cb, st = _tile_program(G, CPG, S, BLOCK_C, BLOCK_S)
+    n, g, cb, st = _apply_program(G, CPG, SPLITS, TILES, BLOCK_C)
     row = n * G + g
     j = tl.arange(0, BLOCK_P)
     parts = part_ptr + (row * P + j) * 2
@@ -502,7 +532,7 @@ def _bwd_apply_kernel(
     rstd = tl.load(rstd_ptr + row)
 
     base = n.to(tl.int64) * stride_n
-    chan, c_mask = _channels(g, cb * BLOCK_C, CPG, BLOCK_C)
+    chan, c_mask = _channels(g, cb * BLOCK_C, CPG, BLOCK_C, EVEN_C)
     offs, mask = _offsets(chan, c_mask, st * BLOCK_S, S, stride_c, stride_s, BLOCK_S)
     x = _load_f32(x_ptr + base, offs, mask)
     dy = _load_f32(dy_ptr + base, offs, mask)
@@ -595,7 +625,8 @@ def group_norm_silu_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tens
     w, has_w = _param(weight, mean)
     b, has_b = _param(bias, mean)
     shape = dict(G=num_groups, CPG=cpg, S=s, stride_n=strides[0], stride_c=strides[1], stride_s=strides[2])
-    flags = dict(HAS_W=has_w, HAS_B=has_b, SILU=bool(silu), BLOCK_C=plan.block_c, BLOCK_S=plan.block_s)
+    flags = dict(HAS_W=has_w, HAS_B=has_b, SILU=bool(silu), BLOCK_C=plan.block_c, EVEN_C=cpg % plan.block_c == 0,
+                 BLOCK_S=plan.block_s)
     if plan.onchip:
         _fwd_onchip_kernel[(n * num_groups,)](x, y, w, b, mean, rstd, **shape, eps=eps, **flags)
         return y, mean, rstd
@@ -603,9 +634,10 @@ def group_norm_silu_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tens
     parts = blocks * plan.splits
     partials = x.new_empty((n * num_groups, parts, 3), dtype=torch.float32)
     _fwd_partial_kernel[(n * num_groups * parts,)](
-        x, partials, **shape, SPLITS=plan.splits, TILES=plan.tiles, BLOCK_C=plan.block_c, BLOCK_S=plan.block_s)
-    _fwd_apply_kernel[(n * num_groups * blocks * triton.cdiv(s, plan.block_s),)](
-        x, y, w, b, partials, mean, rstd, **shape, eps=eps, P=parts, **flags,
+        x, partials, **shape, SPLITS=plan.splits, TILES=plan.tiles, BLOCK_C=plan.block_c,
+        EVEN_C=flags["EVEN_C"], BLOCK_S=plan.block_s)
+    _fwd_apply_kernel[(n * num_groups * parts * plan.tiles,)](
+        x, y, w, b, partials, mean, rstd, **shape, eps=eps, P=parts, SPLITS=plan.splits, TILES=plan.tiles, **flags,
         BLOCK_P=triton.next_power_of_2(parts))
     return y, mean, rstd
 
@@ -643,7 +675,8 @@ def group_norm_silu_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: O
     dw_rows = x.new_empty((n * (1 if plan.onchip else plan.splits), c), dtype=torch.float32)
     db_rows = torch.empty_like(dw_rows)
     shape = dict(G=num_groups, CPG=cpg, S=s, stride_n=strides[0], stride_c=strides[1], stride_s=strides[2])
-    flags = dict(HAS_W=has_w, HAS_B=has_b, SILU=bool(silu), BLOCK_C=plan.block_c, BLOCK_S=plan.block_s)
+    flags = dict(HAS_W=has_w, HAS_B=has_b, SILU=bool(silu), BLOCK_C=plan.block_c, EVEN_C=cpg % plan.block_c == 0,
+                 BLOCK_S=plan.block_s)
     if plan.onchip:
         _bwd_onchip_kernel[(n * num_groups,)](dy, x, dx, w, b, mean, rstd, dw_rows, db_rows, C=c, **shape, **flags)
     else:
@@ -653,8 +686,8 @@ def group_norm_silu_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: O
         _bwd_partial_kernel[(n * num_groups * parts,)](
             dy, x, w, b, mean, rstd, dw_rows, db_rows, partials, C=c, **shape,
             SPLITS=plan.splits, TILES=plan.tiles, **flags)
-        _bwd_apply_kernel[(n * num_groups * blocks * triton.cdiv(s, plan.block_s),)](
-            dy, x, dx, w, b, mean, rstd, partials, **shape, P=parts, **flags,
+        _bwd_apply_kernel[(n * num_groups * parts * plan.tiles,)](
+            dy, x, dx, w, b, mean, rstd, partials, **shape, P=parts, SPLITS=plan.splits, TILES=plan.tiles, **flags,
             BLOCK_P=triton.next_power_of_2(parts))
     return dx, dw_rows.sum(0), db_rows.sum(0)
 
