@@ -184,6 +184,7 @@ def _layout(module_or_tensor, layout: str):
 
 
 def _compiled(module: torch.nn.Module) -> torch.nn.Module:
+    # each batch size and layout is a recompile of the same network: keep them all compiled, not eager
     config = torch._dynamo.config
     limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     setattr(config, limit, max(getattr(config, limit), 64))
@@ -213,9 +214,8 @@ def build(case: Case, backend: str, layout: str, device, cuda_graph: bool = Fals
             "parameters_m": round(sum(p.numel() for p in net.parameters()) / 1e6, 2), "device": str(device)}
     gen = torch.Generator(device=device).manual_seed(1)
 
-    def images(n: int, side: int):
-        x = torch.rand((n, 1, side, side), generator=gen, device=device) * 2 - 1
-        return _layout(x, layout)
+    def images(n: int, side: int):  # training images in [-1, 1]
+        return _layout(torch.rand((n, 1, side, side), generator=gen, device=device) * 2 - 1, layout)
 
     if case.workload in ("unet_train", "munit_train"):
         from dxr.train import train_step
@@ -246,7 +246,7 @@ def build(case: Case, backend: str, layout: str, device, cuda_graph: bool = Fals
 
     denoiser = _compiled(net.denoiser) if backend == "compile" else net.denoiser
     alphas = net.alphas_cumprod(device)
-    x_T = images(case.batch, size)
+    x_T = _layout(torch.randn((case.batch, 1, size, size), generator=gen, device=device), layout)  # x_T ~ N(0, I)
     extra = {"cuda_graph": True} if cuda_graph else {}
     common = dict(prediction=net.prediction, backend=kernels, **extra)
 

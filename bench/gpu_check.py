@@ -298,7 +298,8 @@ def time_case(case: wl.Case, dtype: torch.dtype, device: torch.device, selected:
             row = {"op": case.op, "case": str(case), "shape": list(case.shape), "channels_last": case.channels_last,
                    "dtype": str(dtype).removeprefix("torch."), "mode": mode, "backend": backend,
                    "bytes": wl.traffic_bytes(case, dtype, mode), "flops": wl.flops(case, mode),
-                   "planned_bytes": wl.planned_bytes(case, dtype, mode, device) if backend == "triton" else None}
+                   "planned_bytes": wl.planned_bytes(case, dtype, mode, device) if backend == "triton" else None,
+                   "expected_bytes": wl.expected_bytes(case, dtype, mode, device) if backend == "triton" else None}
             with _nvtx(f"{case.op} {case} {mode} {backend}", device):
                 try:
                     fn = wl.runner(case, backend, mode, inputs)
@@ -327,6 +328,9 @@ def derive(rows: list, peak: dict) -> None:
         planned = r.get("planned_bytes")
         # the share of the copy bandwidth at the traffic the chosen plan really moves (split paths: two reads)
         r["pct_peak_planned"] = 100 * planned / t / 1e6 / peak["copy_gbps"] if t and planned else None
+        # and at the DRAM traffic left once L2 serves what it can of the second read
+        expected = r.get("expected_bytes")
+        r["pct_peak_expected"] = 100 * expected / t / 1e6 / peak["copy_gbps"] if t and expected else None
         if r["gbps"] is not None:
             r["pct_peak"] = 100 * r["gbps"] / peak["copy_gbps"]
         elif r["tflops"] is not None:
@@ -415,12 +419,13 @@ def markdown(result: dict) -> str:
     lines += ["", f"## Timings (median ms, {result['timing_dtype']})", "",
               "GB/s counts the minimal traffic; % peak is of the copy bandwidth (GB/s) or the matmul peak "
               "(TFLOP/s) above; % planned is of the copy bandwidth at the traffic the Triton plan moves (its "
-              "split paths read x twice); × columns are speedups of this row over that backend.", ""]
-    lines += _table(["op", "case", "mode", "backend", "ms", "GB/s", "TFLOP/s", "% peak", "% planned", "× eager",
-                     "× compile", "× SDPA flash", "peak MiB"],
+              "split paths read x twice), % L2 at the DRAM traffic left when L2 serves all it can of that "
+              "second read; × columns are speedups of this row over that backend.", ""]
+    lines += _table(["op", "case", "mode", "backend", "ms", "GB/s", "TFLOP/s", "% peak", "% planned", "% L2",
+                     "× eager", "× compile", "× SDPA flash", "peak MiB"],
                     [[r["op"], r["case"], r["mode"], r["backend"], _fmt(r.get("ms"), 4) if "ms" in r else r["error"],
                       _fmt(r.get("gbps"), 1), _fmt(r.get("tflops"), 1), _fmt(r.get("pct_peak"), 1),
-                      _fmt(r.get("pct_peak_planned"), 1),
+                      _fmt(r.get("pct_peak_planned"), 1), _fmt(r.get("pct_peak_expected"), 1),
                       _fmt(r.get("x_eager")), _fmt(r.get("x_compile")), _fmt(r.get("x_sdpa_flash")),
                       _fmt(r.get("peak_mib"), 1)] for r in result["timings"]])
     lines += ["", "## Performance goals (measured, not asserted)", ""]
@@ -440,7 +445,8 @@ def _e2e_markdown(rows: list) -> list:
              "× eager and × compile: speedup over that backend in the same layout (no CUDA graph); "
              "× NCHW: channels_last over the same variant in NCHW; memory: peak (max_memory_allocated over the "
              "timed calls, weights and optimizer state included) over eager's.", ""]
-    lines += _table(["case", "variant", "ms", "images/s", "× eager", "× compile", "× NCHW", "peak MiB", "memory × eager"],
+    header = ["case", "variant", "ms", "images/s", "× eager", "× compile", "× NCHW", "peak MiB", "memory × eager"]
+    lines += _table(header,
                     [[r["case"], e2e.variant_label(r), _fmt(r.get("ms"), 1) if "ms" in r else r["error"],
                       _fmt(r.get("images_per_s"), 2), _fmt(r.get("x_eager")), _fmt(r.get("x_compile")),
                       _fmt(r.get("x_nchw")), _fmt(r.get("peak_mib"), 0), _fmt(r.get("mem_vs_eager"))]
