@@ -61,7 +61,8 @@ def _check_prediction(prediction: str) -> None:
 
 
 def step_seeds(seed: int, count: int) -> list[int]:
-    """``count`` seeds for the in-kernel noise of successive steps, drawn on the host from ``seed``."""
+    """``count`` independent seeds drawn on the host from ``seed`` (SDEdit's: its forward noise, its guide's
+    noise and its sampler's key)."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, 2**62, (count,), generator=generator, dtype=torch.int64).tolist()
 
@@ -364,5 +365,6 @@ class GaussianDiffusion(nn.Module):
 
 __all__ = [
     "GaussianDiffusion", "linear_schedule", "cosine_schedule", "make_schedule", "step_seeds", "seed_state",
-    "cuda_graphs_available", "training_loss", "ddpm_sample", "ddim_timesteps", "ddim_sample", "low_pass", "ilvr_guide", "sdedit",
+    "cuda_graphs_available", "training_loss", "ddpm_sample", "ddim_timesteps", "ddim_sample", "low_pass",
+    "ilvr_guide", "sdedit",
 ]

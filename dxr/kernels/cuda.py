@@ -339,7 +339,8 @@ def _step(op: str, kind: int, x: Tensor, model: Optional[Tensor], noise: Optiona
             t_prev_stride=t_prev.stride(0) if t_prev is not None else 0, schedule=schedule.data_ptr(),
             schedule_stride=schedule.stride(0), schedule64=schedule64, num_steps=schedule.numel(), pred_v=pred_v,
             clip=clip_x0 is not None, clip_value=float(clip_x0 or 0.0), large_var=large_var, eta=float(eta),
-            seed=0 if isinstance(seed, Tensor) else int(seed), seed_state=_ptr(seed if isinstance(seed, Tensor) else None))
+            seed=0 if isinstance(seed, Tensor) else int(seed),
+            seed_state=seed.data_ptr() if isinstance(seed, Tensor) else 0)
     if work is not out:
         out.copy_(work)
     return out
