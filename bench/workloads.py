@@ -238,6 +238,7 @@ class OpWorkload:
     label: Callable[[Case], str] = _shape_label
     traffic: Callable[[Case, int, str], Optional[int]] = _no_count  # minimal bytes, for an element size
     splits: Optional[Callable[[Case, torch.device, bool], bool]] = None  # the Triton plan reads its inputs twice
+    second_read_in_l2: bool = False  # the split path's second pass starts with what the first left in L2
     flops: Callable[[Case, str], Optional[int]] = _no_count
     extra_backends: tuple = ()  # baselines beyond eager and compile
 
@@ -252,7 +253,7 @@ WORKLOADS = {w.name: w for w in (
                ("cuda", True): _norm("group_norm_silu", (1, 512, 32, 32), (16, 256, 32, 32), num_groups=32),
                ("cpu", False): _norm("group_norm_silu", (1, 512, 32, 32), num_groups=32),
                ("cpu", True): _norm("group_norm_silu", (2, 32, 8, 8), channels_last=[(2, 32, 8, 8)], num_groups=8)},
-        traffic=_norm_traffic(lambda case: case.shape[1]), splits=_group_norm_splits),
+        traffic=_norm_traffic(lambda case: case.shape[1]), splits=_group_norm_splits, second_read_in_l2=True),
     OpWorkload(
         "adain", ("x", "scale", "shift"), "x", _adain_inputs, _adain_call,
         cases={("cuda", False): _norm("adain", (1, 256, 64, 64), (8, 256, 64, 64), channels_last=[(8, 256, 64, 64)]),
@@ -467,6 +468,41 @@ def planned_bytes(case: Case, dtype: torch.dtype, mode: str, device) -> Optional
     extra = {FWD: splits(case, device, False) * tensor, BWD: splits(case, device, True) * 2 * tensor}
     extra[FWD_BWD] = extra[FWD] + extra[BWD]
     return minimal + extra[mode]
+
+
+# the L2 of the GPU the defaults are planned for (an H100, 50 MiB), used for CPU devices
+DEFAULT_L2_BYTES = 50 << 20
+
+
+def l2_bytes(device) -> int:
+    """The L2 cache of ``device`` in bytes (:data:`DEFAULT_L2_BYTES` for a CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or DEFAULT_L2_BYTES)
+    return DEFAULT_L2_BYTES
+
+
+def expected_bytes(case: Case, dtype: torch.dtype, mode: str, device) -> Optional[int]:
+    """DRAM bytes the Triton kernels should move for ``case``: :func:`planned_bytes` less the part of the
+    split path's second read that L2 can serve (None for attention).
+
+    GroupNorm's tile pass takes its tiles in the reverse of the order the statistics pass read them, so
+    its second read finds in L2 whatever of x (backward: x and dy) L2 holds, up to the whole of it. The
+    count credits L2 with all of its capacity, so it is the floor of what the plan can reach; a kernel
+    whose other accesses evict more lands between this and :func:`planned_bytes`. Ops without that order
+    are counted as planned.
+    """
+    planned = planned_bytes(case, dtype, mode, device)
+    workload = WORKLOADS[case.op]
+    if planned is None or not workload.second_read_in_l2:
+        return planned
+    device = torch.device(device)
+    tensor = math.prod(case.shape) * torch.empty((), dtype=dtype).element_size()
+    cache = l2_bytes(device)
+    served = {FWD: workload.splits(case, device, False) * min(tensor, cache),
+              BWD: workload.splits(case, device, True) * min(2 * tensor, cache)}
+    served[FWD_BWD] = served[FWD] + served[BWD]
+    return planned - served[mode]
 
 
 def flops(case: Case, mode: str) -> Optional[int]:

@@ -169,3 +169,24 @@ def test_planned_traffic_counts_the_split_paths_second_read(gpu_check):
     step = wl.Case("ddpm_step", (16, 3, 64, 64))
     assert wl.planned_bytes(step, torch.bfloat16, wl.FWD, gpu) == wl.traffic_bytes(step, torch.bfloat16, wl.FWD)
     assert wl.planned_bytes(wl.Case("attention", (1, 2, 40, 72, 32)), torch.bfloat16, wl.FWD, gpu) is None
+
+
+def test_expected_traffic_lets_l2_serve_the_group_norm_second_read(gpu_check):
+    wl = gpu_check.wl
+    cpu = torch.device("cpu")
+    # 2.6 MB of x fits the H100's L2: the split path's second read is all L2, the minimum is left
+    small = wl.Case("group_norm_silu", (1, 320, 64, 64), options=(("num_groups", 32),))
+    for mode in (wl.FWD, wl.BWD, wl.FWD_BWD):
+        assert wl.planned_bytes(small, torch.bfloat16, mode, cpu) > wl.traffic_bytes(small, torch.bfloat16, mode)
+        assert wl.expected_bytes(small, torch.bfloat16, mode, cpu) == wl.traffic_bytes(small, torch.bfloat16, mode)
+    # 8 x 128 x 128 x 128 float32 is 67 MB, more than L2: it serves 50 MiB of the forward's second read,
+    # and of the backward's (x and dy, 134 MB)
+    big = wl.Case("group_norm_silu", (8, 128, 128, 128), options=(("num_groups", 32),))
+    for mode in (wl.FWD, wl.BWD):
+        planned = wl.planned_bytes(big, torch.float32, mode, cpu)
+        assert planned > wl.traffic_bytes(big, torch.float32, mode)
+        assert wl.expected_bytes(big, torch.float32, mode, cpu) == planned - wl.DEFAULT_L2_BYTES
+    # AdaIN's split path has no such order: counted as planned
+    adain = wl.Case("adain", (1, 256, 64, 64))
+    assert wl.expected_bytes(adain, torch.bfloat16, wl.FWD, cpu) == wl.planned_bytes(adain, torch.bfloat16, wl.FWD, cpu)
+    assert wl.expected_bytes(wl.Case("attention", (1, 2, 40, 72, 32)), torch.bfloat16, wl.FWD, cpu) is None
