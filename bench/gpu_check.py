@@ -3,6 +3,7 @@
     python bench/gpu_check.py                         # every op, UNet-sized cases, bfloat16
     python bench/gpu_check.py --quick                 # fewer cases, for a short lease
     python bench/gpu_check.py --ops attention,adain --backends eager,compile,triton --out /tmp/r
+    python bench/gpu_check.py --e2e only --quick      # the end-to-end cases alone, six of them
     python bench/gpu_check.py --device cpu --quick    # the same path on a CPU at tiny sizes (Triton via its
                                                       # interpreter when TRITON_INTERPRET=1, else skipped)
 
@@ -192,8 +193,18 @@ def peaks(device: torch.device, quick_cpu: bool) -> dict:
     return {
         "copy_bytes": nbytes, "copy_ms": copy_ms, "copy_gbps": 2 * nbytes / copy_ms / 1e6,
         "matmul_size": size, "matmul_dtype": str(dtype).removeprefix("torch."), "matmul_ms": mm_ms,
-        "matmul_tflops": 2 * size**3 / mm_ms / 1e9,
+        "matmul_tflops": 2 * size**3 / mm_ms / 1e9, "warp_instructions_per_s": warp_issue_rate(device),
     }
+
+
+def warp_issue_rate(device: torch.device) -> Optional[float]:
+    """Warp instructions per second the device issues at most: four schedulers per SM, one instruction
+    each per cycle, at the clock the driver reports (None on a CPU or without a clock)."""
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    khz = getattr(props, "clock_rate", None)
+    return 4 * props.multi_processor_count * khz * 1e3 if khz else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -288,6 +299,48 @@ def check_noise(case: wl.Case, backend: str, device: torch.device, seed: int) ->
 # timing
 
 
+# the elementwise step kernels: straight-line code, each thread runs every instruction once for its elements
+STEP_KERNELS = ("_q_sample_kernel", "_ddpm_step_kernel", "_ddim_step_kernel")
+
+
+def launched_kernels(fn: Callable[[], object]) -> list:
+    """(name, compiled kernel, launch keywords) of every compiled Triton launch one call of fn makes."""
+    from triton.runtime import jit
+
+    seen, original = [], jit.JITFunction.run
+
+    def run(self, *args, **kwargs):
+        kernel = original(self, *args, **kwargs)
+        seen.append((self.__name__, kernel, kwargs))
+        return kernel
+
+    jit.JITFunction.run = run
+    try:
+        fn()
+    finally:
+        jit.JITFunction.run = original
+    return seen
+
+
+def instructions_per_element(kernel, kwargs: dict) -> Optional[float]:
+    """SASS instructions a thread of a step kernel runs per element: the listing's length over the
+    BLOCK / (32 · num_warps) elements each thread takes (None without the SASS, e.g. no cuobjdump)."""
+    from gpu_ready import count_sass
+
+    try:
+        listing = kernel.asm["sass"]
+    except Exception:  # the disassembler is missing on this machine
+        return None
+    warps = kernel.metadata.num_warps
+    return count_sass(listing) / (kwargs["BLOCK"] / (32 * warps))
+
+
+def _step_instructions(fn: Callable[[], object]) -> Optional[float]:
+    costs = [instructions_per_element(kernel, kwargs) for name, kernel, kwargs in launched_kernels(fn)
+             if name in STEP_KERNELS]
+    return costs[0] if costs else None
+
+
 def time_case(case: wl.Case, dtype: torch.dtype, device: torch.device, selected: tuple, missing: dict,
               flush: wl.L2Flush, budget_s: float, min_reps: int) -> list:
     """One row per (mode, backend) that runs here: median ms, or the error it raised."""
@@ -306,6 +359,9 @@ def time_case(case: wl.Case, dtype: torch.dtype, device: torch.device, selected:
                     row["ms"] = wl.median_ms(fn, device, budget_s=budget_s, min_reps=min_reps, flush=flush)
                     if case.op == "attention":
                         row["peak_mib"] = wl.peak_memory_mib(fn, device)
+                    if backend == "triton" and device.type == "cuda" and case.op in ("q_sample", "ddpm_step",
+                                                                                     "ddim_step"):
+                        row["instructions_per_element"] = _step_instructions(fn)
                     del fn
                 except wl.Unavailable as err:
                     missing[(case.op, backend)] = str(err)
@@ -331,6 +387,9 @@ def derive(rows: list, peak: dict) -> None:
         # and at the DRAM traffic left once L2 serves what it can of the second read
         expected = r.get("expected_bytes")
         r["pct_peak_expected"] = 100 * expected / t / 1e6 / peak["copy_gbps"] if t and expected else None
+        # the time the step's instructions take at one warp instruction per scheduler per cycle
+        ipe, issue = r.get("instructions_per_element"), peak.get("warp_instructions_per_s")
+        r["issue_ms"] = 1e3 * math.prod(r["shape"]) * ipe / 32 / issue if t and ipe and issue else None
         if r["gbps"] is not None:
             r["pct_peak"] = 100 * r["gbps"] / peak["copy_gbps"]
         elif r["tflops"] is not None:
@@ -420,12 +479,15 @@ def markdown(result: dict) -> str:
               "GB/s counts the minimal traffic; % peak is of the copy bandwidth (GB/s) or the matmul peak "
               "(TFLOP/s) above; % planned is of the copy bandwidth at the traffic the Triton plan moves (its "
               "split paths read x twice), % L2 at the DRAM traffic left when L2 serves all it can of that "
-              "second read; × columns are speedups of this row over that backend.", ""]
+              "second read; instr/elem is the SASS a thread of a step kernel runs per element and issue ms "
+              "the time those instructions take at one per scheduler per cycle; × columns are speedups of "
+              "this row over that backend.", ""]
     lines += _table(["op", "case", "mode", "backend", "ms", "GB/s", "TFLOP/s", "% peak", "% planned", "% L2",
-                     "× eager", "× compile", "× SDPA flash", "peak MiB"],
+                     "instr/elem", "issue ms", "× eager", "× compile", "× SDPA flash", "peak MiB"],
                     [[r["op"], r["case"], r["mode"], r["backend"], _fmt(r.get("ms"), 4) if "ms" in r else r["error"],
                       _fmt(r.get("gbps"), 1), _fmt(r.get("tflops"), 1), _fmt(r.get("pct_peak"), 1),
                       _fmt(r.get("pct_peak_planned"), 1), _fmt(r.get("pct_peak_expected"), 1),
+                      _fmt(r.get("instructions_per_element"), 1), _fmt(r.get("issue_ms"), 4),
                       _fmt(r.get("x_eager")), _fmt(r.get("x_compile")), _fmt(r.get("x_sdpa_flash")),
                       _fmt(r.get("peak_mib"), 1)] for r in result["timings"]])
     lines += ["", "## Performance goals (measured, not asserted)", ""]
