@@ -23,7 +23,8 @@
    alone): UNet and MUNIT training steps, DDPM 1000 / DDIM 50 sampling at batch 1 and 16, one 2048²
    radiograph restored, on every backend in NCHW and channels_last (samplers and restorer also with
    ``cuda_graph=True`` where they take it): median ms, images/s, peak memory, speedups over eager and
-   torch.compile in the same layout, channels_last over NCHW, peak memory over eager's.
+   torch.compile in the same layout, channels_last over NCHW, peak memory over eager's. The record of
+   steps 1–4 is written before this part starts, and again with it when it ends.
 
 Writes ``<out>/<device>-<date>.json`` and ``.md`` (``-quick`` added with --quick) and prints the tables.
 Each op and backend stands alone: a backend that cannot run here (no extension built, a kernel module
@@ -325,14 +326,12 @@ def launched_kernels(fn: Callable[[], object]) -> list:
 def instructions_per_element(kernel, kwargs: dict) -> Optional[float]:
     """SASS instructions a thread of a step kernel runs per element: the listing's length over the
     BLOCK / (32 · num_warps) elements each thread takes (None without the SASS, e.g. no cuobjdump)."""
-    from gpu_ready import count_sass
-
     try:
         listing = kernel.asm["sass"]
     except Exception:  # the disassembler is missing on this machine
         return None
     warps = kernel.metadata.num_warps
-    return count_sass(listing) / (kwargs["BLOCK"] / (32 * warps))
+    return wl.count_sass(listing) / (kwargs["BLOCK"] / (32 * warps))
 
 
 def _step_instructions(fn: Callable[[], object]) -> Optional[float]:
@@ -585,9 +584,10 @@ def run(args: argparse.Namespace, result: dict) -> None:
                 result["missing"] = [{"op": o, "backend": b, "reason": why} for (o, b), why in missing.items()]
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    if args.e2e == "on" or args.e2e == "only" or (args.e2e == "auto" and device.type == "cuda"):
-        with _nvtx("end to end", device):
-            time_e2e(device, args.quick, args.backends, result["e2e"])
+
+
+def wants_e2e(args: argparse.Namespace) -> bool:
+    return args.e2e in ("on", "only") or (args.e2e == "auto" and args.device == "cuda")
 
 
 def time_e2e(device: torch.device, quick: bool, selected: tuple, rows: list) -> None:
@@ -682,8 +682,18 @@ def main(argv: Optional[list] = None) -> int:
     if result["peaks"] is not None:
         derive(result["timings"], result["peaks"])
         result["goals"] = evaluate_goals(result["timings"])
-    e2e.derive(result["e2e"])
     json_path, md_path = write(result, args.out)
+    if wants_e2e(args) and not result["errors"]:
+        # the op record is on disk before the longer end-to-end part starts; written again when it ends
+        _say(f"wrote {json_path} and {md_path}; the end-to-end cases follow")
+        try:
+            with _nvtx("end to end", device):
+                time_e2e(device, args.quick, args.backends, result["e2e"])
+        except Exception as err:
+            result["errors"].append({"message": _error_text(err), "traceback": traceback.format_exc()})
+            traceback.print_exc()
+        e2e.derive(result["e2e"])
+        json_path, md_path = write(result, args.out)
     print(md_path.read_text())
     bad = failures(result)
     _say(f"wrote {json_path} and {md_path}; " + (f"{len(bad)} FAILURE(S)" if bad else "all checks passed"))
