@@ -52,8 +52,11 @@ from triton.runtime.driver import driver as _driver  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _path in (REPO, BENCH):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from workloads import count_sass  # noqa: E402
 
 # CUDA's grid limits: x up to 2³¹ - 1 programs, y and z up to 65,535
 GRID_LIMITS = (2**31 - 1, 65535, 65535)
@@ -155,14 +158,6 @@ def parse_ptxas(log: str) -> dict:
 
 def ptxas_path() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-
-
-_SASS_LINE = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", re.MULTILINE)
-
-
-def count_sass(listing: str) -> int:
-    """Instructions in a ``cuobjdump -sass`` listing (one ``/*offset*/ OPCODE ...`` line each)."""
-    return len(_SASS_LINE.findall(listing))
 
 
 def run_ptxas(ptx: str, arch: Arch) -> dict:

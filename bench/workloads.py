@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -468,6 +469,14 @@ def planned_bytes(case: Case, dtype: torch.dtype, mode: str, device) -> Optional
     extra = {FWD: splits(case, device, False) * tensor, BWD: splits(case, device, True) * 2 * tensor}
     extra[FWD_BWD] = extra[FWD] + extra[BWD]
     return minimal + extra[mode]
+
+
+_SASS_LINE = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", re.MULTILINE)
+
+
+def count_sass(listing: str) -> int:
+    """Instructions in a ``cuobjdump -sass`` listing (one ``/*offset*/ OPCODE ...`` line each)."""
+    return len(_SASS_LINE.findall(listing))
 
 
 # the L2 of the GPU the defaults are planned for (an H100, 50 MiB), used for CPU devices

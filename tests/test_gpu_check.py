@@ -190,3 +190,25 @@ def test_expected_traffic_lets_l2_serve_the_group_norm_second_read(gpu_check):
     adain = wl.Case("adain", (1, 256, 64, 64))
     assert wl.expected_bytes(adain, torch.bfloat16, wl.FWD, cpu) == wl.planned_bytes(adain, torch.bfloat16, wl.FWD, cpu)
     assert wl.expected_bytes(wl.Case("attention", (1, 2, 40, 72, 32)), torch.bfloat16, wl.FWD, cpu) is None
+
+
+def test_step_instructions_are_counted_per_element_and_timed_at_the_issue_rate(gpu_check):
+    from types import SimpleNamespace
+
+    listing = "\n".join(f"        /*{8 * i:04x}*/                   FADD R{i}, R{i}, 1 ;" for i in range(300))
+    kernel = SimpleNamespace(metadata=SimpleNamespace(num_warps=4), asm={"sass": listing})
+    # 2048 elements over 128 threads: 16 each, so 300 instructions are 18.75 per element
+    assert gpu_check.instructions_per_element(kernel, {"BLOCK": 2048}) == 300 / 16
+
+    class NoDisassembler(dict):
+        def __getitem__(self, key):
+            raise RuntimeError("cuobjdump not found")
+
+    assert gpu_check.instructions_per_element(SimpleNamespace(metadata=kernel.metadata, asm=NoDisassembler()),
+                                              {"BLOCK": 2048}) is None
+    assert gpu_check.warp_issue_rate(torch.device("cpu")) is None
+    row = {"op": "ddpm_step", "case": "c", "mode": "fwd", "backend": "triton", "shape": [4, 1024],
+           "bytes": 3 * 4096 * 2, "flops": None, "ms": 0.5, "instructions_per_element": 20.0}
+    gpu_check.derive([row], {"copy_gbps": 100.0, "matmul_tflops": 1.0, "warp_instructions_per_s": 1e9})
+    # 4096 elements · 20 instructions / 32 lanes = 2560 warp instructions at 1e9 per second
+    assert row["issue_ms"] == pytest.approx(2.56e-3)
