@@ -397,6 +397,22 @@ def test_bad_seed_tensors_raise_naming_seed(backend):
         sampler.ddpm_step(x, m, t, ac, "eps", None, "small", None, torch.tensor([1, 0, 5, 0], device=DEVICE)[::2])
 
 
+def test_a_step_reading_and_advancing_a_device_seed_compiles_to_one_graph():
+    x, m = _tensors(2, shape=(2, 1, 8, 8))
+    t, ac = _timesteps((3, 700)), _schedule()
+
+    def step(x, state):
+        out = ops.ddpm_step(x, m, t, ac, seed=state, backend="triton")
+        state[1:].add_(1)
+        return out
+
+    eager_state, compiled_state = _state(9), _state(9)
+    compiled = torch.compile(step, fullgraph=True)
+    for _ in range(2):
+        assert torch.equal(compiled(x, compiled_state), step(x, eager_state))
+    assert compiled_state.tolist() == eager_state.tolist() == [9, 2]
+
+
 # --------------------------------------------------------------------------------------------------
 # custom-op registration
 
