@@ -594,7 +594,7 @@ def time_e2e(device: torch.device, quick: bool, selected: tuple, rows: list) -> 
     """Every variant of every end-to-end case that runs on this device, appended to ``rows`` as it is timed:
     what ran (``e2e.Run.info``), median ms of a few calls after a warm-up call, images/s, peak memory; or
     ``skipped`` with the reason, or the ``error`` it raised."""
-    reps = 3 if device.type == "cuda" else 2
+    reps = 3 if device.type == "cuda" and not quick else 2
     for entry in e2e.cases(device.type, quick):
         if entry.case is None:
             continue

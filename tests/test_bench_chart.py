@@ -137,3 +137,23 @@ def test_gpu_check_end_to_end_on_the_cpu(monkeypatch, tmp_path, chart):
     loaded = chart.load(record_path)
     assert [(b.group, b.variant) for b in loaded.bars] == [(str(tiny), "eager channels_last (× NCHW)")]
     assert loaded.device == record["meta"]["device"]
+
+
+def test_end_to_end_suites(monkeypatch):
+    e2e = _module(monkeypatch, "e2e")
+    gpu = {str(case) for case, _ in e2e.SUITE}
+    assert set(e2e.QUICK) <= gpu and len(e2e.cases("cuda", quick=True)) == len(e2e.QUICK)
+    for device in ("cuda", "cpu"):
+        entries = e2e.cases(device)
+        assert len(entries) == len(e2e.SUITE) and len({e.id for e in entries}) == len(entries)
+        assert {e.workload for e in entries} == set(e2e.WORKLOADS)
+    for entry in e2e.cases("cpu"):
+        # a CPU runs the small preset, or says why the case is GPU-only
+        assert (entry.case is not None and entry.case.preset == "cpu-demo") or entry.skip.startswith("GPU only")
+    case = e2e.Case("unet_train", "cpu-demo", 4)
+    cpu = torch.device("cpu")
+    assert "needs a CUDA GPU" in e2e.why_not(case, "triton", "nchw", cpu)
+    assert e2e.why_not(case, "eager", "channels_last", cpu) is None
+    assert e2e.why_not(case, "eager", "nchw", cpu, cuda_graph=True) == "cuda_graph is an option of the samplers and the restorer"
+    with pytest.raises(ValueError, match="layout one of"):
+        e2e.why_not(case, "eager", "nhwc", cpu)
