@@ -154,6 +154,7 @@ def test_end_to_end_suites(monkeypatch):
     cpu = torch.device("cpu")
     assert "needs a CUDA GPU" in e2e.why_not(case, "triton", "nchw", cpu)
     assert e2e.why_not(case, "eager", "channels_last", cpu) is None
-    assert e2e.why_not(case, "eager", "nchw", cpu, cuda_graph=True) == "cuda_graph is an option of the samplers and the restorer"
+    graph = e2e.why_not(case, "eager", "nchw", cpu, cuda_graph=True)
+    assert graph == "cuda_graph is an option of the samplers and the restorer"
     with pytest.raises(ValueError, match="layout one of"):
         e2e.why_not(case, "eager", "nhwc", cpu)
