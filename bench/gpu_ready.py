@@ -58,6 +58,9 @@ for _path in (REPO, BENCH):
 
 from workloads import count_sass  # noqa: E402
 
+# the elementwise sampler steps, whose SASS count per element the report gives
+_STEP_KERNELS = ("_q_sample_kernel", "_ddpm_step_kernel", "_ddim_step_kernel")
+
 # CUDA's grid limits: x up to 2³¹ - 1 programs, y and z up to 65,535
 GRID_LIMITS = (2**31 - 1, 65535, 65535)
 
@@ -160,9 +163,10 @@ def ptxas_path() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
-def run_ptxas(ptx: str, arch: Arch) -> dict:
-    """``ptxas -v`` on one kernel's PTX for ``arch``, and the SASS instruction count of the result;
-    raises RuntimeError with ptxas' output when it fails."""
+def run_ptxas(ptx: str, arch: Arch, disassemble: bool = True) -> dict:
+    """``ptxas -v`` on one kernel's PTX for ``arch``, and (``disassemble``) the SASS instruction count of
+    the result (cuobjdump takes about a second a call, longer than ptxas); raises RuntimeError with
+    ptxas' output when it fails."""
     with tempfile.TemporaryDirectory() as tmp:
         src, cubin = Path(tmp) / "kernel.ptx", Path(tmp) / "k.cubin"
         src.write_text(ptx)
@@ -171,6 +175,8 @@ def run_ptxas(ptx: str, arch: Arch) -> dict:
         if proc.returncode:
             raise RuntimeError(f"ptxas failed: {(proc.stderr or proc.stdout).strip()[-400:]}")
         result = parse_ptxas(proc.stdout + proc.stderr)
+        if not disassemble:
+            return {**result, "instructions": None}
         sass = subprocess.run([str(Path(ptxas_path()).with_name("cuobjdump")), "-sass", str(cubin)],
                               capture_output=True, text=True)
         result["instructions"] = count_sass(sass.stdout) if sass.returncode == 0 else None
@@ -185,8 +191,9 @@ def _config_text(kwargs: dict) -> str:
 class Recorder:
     """Turns every Triton launch into a compile for one architecture and keeps what it compiled."""
 
-    def __init__(self, arch: Arch):
+    def __init__(self, arch: Arch, sass_for_all: bool = True):
         self.arch = arch
+        self.sass_for_all = sass_for_all  # count the SASS of every kernel, else of the step kernels only
         self.compiled: dict[tuple, Compiled] = {}
         self.case = ""
         self.case_errors: list[tuple[str, str]] = []
@@ -216,7 +223,8 @@ class Recorder:
         if entry.registers is None and entry.error is None:
             entry.shared = int(kernel.metadata.shared)
             try:
-                entry.__dict__.update(run_ptxas(kernel.asm["ptx"], self.arch))
+                disassemble = self.sass_for_all or fn.__name__ in _STEP_KERNELS
+                entry.__dict__.update(run_ptxas(kernel.asm["ptx"], self.arch, disassemble))
             except RuntimeError as err:
                 entry.error = str(err)
         if grid is not None:
@@ -432,7 +440,7 @@ def check_arch(arch: Arch, ops: list[str], quick: bool, cases_file: Optional[Pat
 
     gn.DEFAULT_SMS = arch.sms  # the split path plans for the SM count of the part
     sources = _load_cases(cases_file) if cases_file else {op: PROJECT_CASES[op] for op in ops}
-    recorder = Recorder(arch)
+    recorder = Recorder(arch, sass_for_all=not quick)
     started = time.perf_counter()
     with recorder.active():
         for op, make in sources.items():
@@ -450,9 +458,6 @@ def check_arch(arch: Arch, ops: list[str], quick: bool, cases_file: Optional[Pat
         rows.append(row)
     return {"arch": arch.name, "seconds": round(time.perf_counter() - started, 1), "kernels": rows,
             "case_errors": recorder.case_errors, "not_served": sorted(set(NOT_SERVED))}
-
-
-_STEP_KERNELS = ("_q_sample_kernel", "_ddpm_step_kernel", "_ddim_step_kernel")
 
 
 def instructions_per_element(row: dict) -> Optional[float]:

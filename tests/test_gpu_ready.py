@@ -121,7 +121,7 @@ def _load_functions(*names_and_bounds):
 
 
 def test_sass_is_counted_and_step_costs_are_per_element():
-    ns = _load_functions(("_STEP_KERNELS =", "def _step_costs"))
+    ns = _load_functions(("_STEP_KERNELS =", "# CUDA's grid limits"), ("def instructions_per_element", "def _step_costs"))
     sys.path.insert(0, str(REPO / "bench"))
     import workloads
 
