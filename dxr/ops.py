@@ -13,7 +13,7 @@ them in one graph. The "torch" backend calls ``dxr.kernels.reference`` directly.
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import math
 import os
 from typing import Optional, Union
@@ -26,16 +26,8 @@ from dxr.kernels import reference
 BACKENDS = ("auto", "torch", "triton", "cuda")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# Each kernel backend exposes these launch functions (dxr.kernels.triton.<module>, dxr.kernels.cuda).
-_TRITON_MODULES = {
-    "group_norm_silu": "group_norm",
-    "adain": "adain",
-    "attention": "attention",
-    "q_sample": "sampler",
-    "ddpm_step": "sampler",
-    "ddim_step": "sampler",
-}
-OPS = tuple(_TRITON_MODULES)
+# the ops; each kernel backend (a module of dxr.kernels.triton, or dxr.kernels.cuda) has their launch functions
+OPS = ("group_norm_silu", "adain", "attention", "q_sample", "ddpm_step", "ddim_step")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -160,9 +152,18 @@ def resolve_backend(backend: Optional[str], op: str, *tensors: Tensor) -> str:
 
 
 def _kernels(backend: str, op: str):
+    """The module with ``op``'s launch functions on ``backend`` (imported on first use: Triton is optional)."""
     if backend == "cuda":
         return _cuda_extension()
-    return importlib.import_module(f"dxr.kernels.triton.{_TRITON_MODULES[op]}")
+    if op == "group_norm_silu":
+        from dxr.kernels.triton import group_norm as kernels
+    elif op == "adain":
+        from dxr.kernels.triton import adain as kernels
+    elif op == "attention":
+        from dxr.kernels.triton import attention as kernels
+    else:  # q_sample, ddpm_step, ddim_step
+        from dxr.kernels.triton import sampler as kernels
+    return kernels
 
 
 # --------------------------------------------------------------------------------------------------
