@@ -215,17 +215,18 @@ def _split_lane(pid, G, CPG, SPLITS, BLOCK_C: tl.constexpr):
 
 @triton.jit
 def _apply_program(G, CPG, SPLITS, TILES, BLOCK_C: tl.constexpr):
-    """(sample, group, channel block, spatial tile, live) of a split-path apply program.
+    """(sample, group, channel block, spatial tile) of a split-path apply program.
 
-    The statistics programs all run at once, each walking its TILES tiles in order, so the last tiles
-    they read are the ones still in L2 when the apply pass starts. The apply programs take the tiles in
-    the reverse of that order: step TILES - 1 of every statistics program first, step 0 last, so the
-    second read of x comes from L2 for as much of x as L2 holds. A tile past S (in the last split of a
-    ragged group) is masked off whole."""
+    Each statistics program walks its TILES tiles in order, and the programs start in the order of
+    their ids, so the tiles read last (the last steps, of the last programs) are the ones still in L2
+    when the apply pass starts. The apply programs take the tiles in the reverse of that order: the
+    last step of every statistics program first, the last program's first, step 0 of program 0 at the
+    very end, so the second read of x comes from L2 for as much of x as L2 holds. A tile past S (in the
+    last split of a ragged group) is masked off whole."""
     pid = tl.program_id(0)
     lanes = tl.num_programs(0) // TILES
     step = TILES - 1 - pid // lanes
-    n, g, cb, sp = _split_lane(pid % lanes, G, CPG, SPLITS, BLOCK_C)
+    n, g, cb, sp = _split_lane(lanes - 1 - pid % lanes, G, CPG, SPLITS, BLOCK_C)
     st = sp * TILES + step
     return n, g, cb, st
 
