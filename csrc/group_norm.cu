@@ -627,6 +627,20 @@ inline cudaLaunchConfig_t cluster_config(cudaLaunchAttribute* attr, int64_t grid
   return cfg;
 }
 
+// Whether the code of `kernel` the device runs was compiled for sm_90 or newer. Below that the cluster
+// exchange is compiled out (cluster_total traps), and that is the code a GPU newer than the built
+// architectures runs: the default build's compute_80 PTX, JIT-compiled by the driver (the sm_90a
+// cubin loads on sm_90 only). Clustering by the device's capability alone would launch it there.
+template <typename Kernel>
+bool compiled_for_clusters(Kernel kernel) {
+  cudaFuncAttributes attr = {};
+  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return attr.ptxVersion >= 90;
+}
+
 // Whether a cluster of `splits` blocks of the on-chip kernel fits on the device at all.
 template <typename Kernel>
 bool cluster_fits(Kernel kernel, int64_t tiles, int threads, size_t smem, int splits, int device, const char* op) {
@@ -727,7 +741,15 @@ NormPlan norm_plan(const NormProblem& p, bool backward, int device) {
 
   int64_t splits = 0;
   bool cluster = false;
-  if (dev.clusters) {
+  bool clusters = dev.clusters;
+  if (clusters) {
+    dispatch_variant(p.dtype, vec, p.channels_last, op, [&](auto v) {
+      using V = decltype(v);
+      clusters = backward ? compiled_for_clusters(norm_bwd_onchip<typename V::T, V::vec, V::cl>)
+                          : compiled_for_clusters(norm_fwd_onchip<typename V::T, V::vec, V::cl>);
+    });
+  }
+  if (clusters) {
     for (int64_t k = std::min<int64_t>(wanted, kMaxCluster); k <= kMaxCluster && k <= p.s; ++k) {
       if (onchip_bytes(chunk_for(k)) > limit) continue;
       const int64_t chunk = chunk_for(k), used = ceil_div(p.s, chunk);
