@@ -673,6 +673,10 @@ NormPlan norm_plan(const NormProblem& p, bool backward, int device) {
   require(p.dtype == kFloat32 || p.dtype == kFloat16 || p.dtype == kBFloat16, op,
           "dtype code must be 0 (float32), 1 (float16) or 2 (bfloat16), got " + std::to_string(p.dtype));
   if (p.c * p.s > INT32_MAX) return unsupported(plan, "one sample holds 2**31 elements or more");
+  // cudaFuncSetAttribute, cudaFuncGetAttributes and the cluster occupancy query below act on the current
+  // device: called from Python (dxr._C.norm_plan) it need not be `device`, whose opt-in would then be
+  // recorded as done and its launch refused for its shared memory
+  DeviceGuard guard(device, op);
   const DeviceInfo dev = device_info(device, op);
   const int size = dtype_size(p.dtype);
   const int64_t cpg = p.c / p.groups;
