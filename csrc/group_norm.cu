@@ -18,7 +18,8 @@
 //   and add their group partials through distributed shared memory, so a group too large for one
 //   block, or a batch too small to fill the GPU, still takes one read and one write.
 // - split: two launches; the first writes per-(tile, split) group partials to a float32 workspace, the
-//   second merges them in a fixed order and re-reads x (and dy) to write y (dx).
+//   second merges them in a fixed order and re-reads x (and dy) to write y (dx), its blocks in the
+//   reverse of the first's order so that the re-read starts with what L2 still holds.
 //
 // Statistics. The on-chip forward takes the mean of x minus the group's first element (its pivot), then
 // the variance as the mean squared deviation from that mean; the split forward sums (x - pivot) and
@@ -81,9 +82,11 @@ struct Ctx {
   bool active;
 };
 
-__device__ __forceinline__ Ctx make_ctx(const NormArgs& a) {
+// `reversed`: the split path's apply kernels, which take the blocks in the reverse of the statistics
+// kernels' order (see norm_fwd_apply)
+__device__ __forceinline__ Ctx make_ctx(const NormArgs& a, bool reversed = false) {
   Ctx t;
-  const int64_t block = blockIdx.x;
+  const int64_t block = reversed ? static_cast<int64_t>(gridDim.x) - 1 - blockIdx.x : blockIdx.x;
   t.tile = block / a.splits;
   t.split = static_cast<int>(block % a.splits);
   t.n = static_cast<int>(t.tile / a.tiles_per_sample);
@@ -384,7 +387,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) norm_fwd_partial(NormArgs a) {
       acc[1][i] += d * d;
     }
   });
-  float* out = a.partial + static_cast<int64_t>(blockIdx.x) * a.GT * 2;
+  float* out = a.partial + (t.tile * a.splits + t.split) * a.GT * 2;
   for (int gi = threadIdx.x; gi < a.GT; gi += blockDim.x) {
     float s1 = 0.f, s2 = 0.f;
     for (int j = 0; j < a.CPG; ++j) {
@@ -396,11 +399,15 @@ __global__ void __launch_bounds__(kMaxThreads, 1) norm_fwd_partial(NormArgs a) {
   }
 }
 
-// split path, second launch: merge the tile's partials (split order), normalise the block's positions
+// split path, second launch: merge the tile's partials (split order), normalise the block's positions.
+// Blocks start in the order of their index, wave after wave, so the chunks the statistics launch read
+// last (its highest blocks) are the ones L2 still holds when this launch starts. Its blocks take the
+// chunks in the reverse order, the last one first, so the second read of x comes from L2 for as much
+// of x as L2 holds instead of evicting it just ahead of the blocks that need it.
 template <typename T, int VEC, bool CL>
 __global__ void __launch_bounds__(kMaxThreads, 1) norm_fwd_apply(NormArgs a) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const Ctx t = make_ctx(a);
+  const Ctx t = make_ctx(a, true);
   const Smem sm = carve(smem_raw, a, VEC);
   load_pivots<T, CL>(a, t, sm, 0);
   load_affine(a, t, sm, 1, 2);
@@ -552,13 +559,14 @@ __global__ void __launch_bounds__(kMaxThreads, 1) norm_bwd_partial(NormArgs a) {
   load_saved_stats(a, t, sm);
   __syncthreads();
   grad_sums<T, VEC, CL>(a, t, sm, static_cast<const T*>(a.x), static_cast<const T*>(a.dy), false);
-  write_grad_partials(a, t, sm, a.partial + static_cast<int64_t>(blockIdx.x) * a.GT * 2);
+  write_grad_partials(a, t, sm, a.partial + (t.tile * a.splits + t.split) * a.GT * 2);
 }
 
+// as norm_fwd_apply: the chunks in the reverse of the statistics launch's order (x and dy from L2 first)
 template <typename T, int VEC, bool CL>
 __global__ void __launch_bounds__(kMaxThreads, 1) norm_bwd_apply(NormArgs a) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const Ctx t = make_ctx(a);
+  const Ctx t = make_ctx(a, true);
   const Smem sm = carve(smem_raw, a, VEC);
   load_saved_stats(a, t, sm);
   for (int gi = threadIdx.x; gi < a.GT; gi += blockDim.x) {
