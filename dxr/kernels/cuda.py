@@ -385,13 +385,21 @@ def ddim_step(x_t: Tensor, model_out: Tensor, t: Tensor, t_prev: Tensor, alphas_
 # attention
 
 
+def _attention_strides(t: Tensor) -> tuple[int, int, int]:
+    """The (batch, head, position) strides the kernel steps by: 0 along a dim of size 1, which it never
+    steps along (such a dim may carry any stride, even on a contiguous tensor)."""
+    return tuple(st if size > 1 else 0 for st, size in zip(t.stride()[:3], t.shape[:3]))
+
+
 def _attention_operand(t: Tensor, pad: int) -> Tensor:
-    """t with unit stride along D, 16-byte aligned rows and D a multiple of 8 (zero columns added)."""
+    """t with unit stride along D, 16-byte aligned rows and D a multiple of 8 (zero columns added).
+    A copy is a fresh allocation: ``contiguous()`` would hand back a contiguous view whose data pointer
+    is not 16-byte aligned."""
     if pad:
         return torch.nn.functional.pad(t, (0, pad))
-    if t.stride(-1) == 1 and all(s % 8 == 0 for s in t.stride()[:3]) and t.data_ptr() % 16 == 0:
+    if t.stride(-1) == 1 and all(st % 8 == 0 for st in _attention_strides(t)) and t.data_ptr() % 16 == 0:
         return t
-    return t.contiguous()
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def attention_supports(head_dim: int, element_size: int, backward: bool) -> bool:
@@ -437,8 +445,9 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor
     qk, kk, vk = (_attention_operand(t, pad) for t in (q, k, v))
     ok = o if not pad else q.new_empty((b, h, lq, d + pad))
     _launch("attention", _ext().attention_fwd, device, q=qk.data_ptr(), k=kk.data_ptr(), v=vk.data_ptr(),
-            o=ok.data_ptr(), lse=lse.data_ptr(), b=b, h=h, lq=lq, lk=lk, d=d + pad, q_strides=qk.stride()[:3],
-            k_strides=kk.stride()[:3], v_strides=vk.stride()[:3], scale=float(scale), dtype=_DTYPE_CODES[q.dtype])
+            o=ok.data_ptr(), lse=lse.data_ptr(), b=b, h=h, lq=lq, lk=lk, d=d + pad,
+            q_strides=_attention_strides(qk), k_strides=_attention_strides(kk), v_strides=_attention_strides(vk),
+            scale=float(scale), dtype=_DTYPE_CODES[q.dtype])
     if pad:
         o.copy_(ok[..., :d])
     return o, lse
