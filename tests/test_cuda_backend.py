@@ -317,7 +317,7 @@ def test_in_kernel_noise_is_standard_normal_reproducible_and_seeded():
 
 @needs_cuda_backend
 def test_in_kernel_noise_follows_the_triton_stream():
-    # the same Philox counters and Box–Muller pairs as dxr.kernels.triton.sampler: equal up to the sine,
+    # the same Philox counters and Box–Muller pairs as dxr.kernels.triton.ddpm_step: equal up to the sine,
     # cosine and logarithm each implementation uses
     pytest.importorskip("triton")
     t = _steps((500, 650, 800, 999))

@@ -1,8 +1,8 @@
 """The compiled CUDA extension ``dxr._C``, when built, wrapped to take and return tensors.
 
 The launch functions have the names, signatures, shapes, dtypes and layouts of the Triton modules'
-(``dxr.kernels.triton.{group_norm,adain,attention,sampler}``), so ``dxr.ops`` calls either backend the
-same way. They allocate outputs and workspaces with torch, pass raw pointers, the device index and the
+(``dxr.kernels.triton.{group_norm_silu,adain,attention,ddpm_step}``), so ``dxr.ops`` calls either backend
+the same way. They allocate outputs and workspaces with torch, pass raw pointers, the device index and the
 current stream to the extension, and never synchronise. The extension itself (``csrc/``) does not link
 PyTorch.
 
@@ -13,7 +13,7 @@ What runs where:
   picks the on-chip, thread-block-cluster or split path. A shape it does not take (more than 2048 channels
   per group, a sample of 2³¹ elements or more) runs the Triton kernel instead.
 - q_sample, ddpm_step, ddim_step: CUDA kernels, in-kernel Philox noise from ``seed`` (the stream described
-  in ``dxr.kernels.triton.sampler``; same seed → bitwise the same result on this backend), the seed an
+  in ``dxr.kernels.triton.ddpm_step``; same seed → bitwise the same result on this backend), the seed an
   int or an int64 (key, offset) tensor the kernel reads on the device.
 - attention forward: CUDA tensor-core kernel for float16/bfloat16 with head dims up to 128 (D not a
   multiple of 8 is zero-padded to one); float32 and head dims above 128 run the Triton kernel.
@@ -220,7 +220,8 @@ def _check_groups(x: Tensor, num_groups: int) -> None:
 
 def group_norm_silu_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int, eps: float,
                         silu: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """GroupNorm forward, with the SiLU when ``silu``: as ``dxr.kernels.triton.group_norm.group_norm_silu_fwd``.
+    """GroupNorm forward, with the SiLU when ``silu``: as
+    ``dxr.kernels.triton.group_norm_silu.group_norm_silu_fwd``.
 
     x: non-empty (N, C, *spatial) float32/float16/bfloat16 on a GPU; weight, bias: (C,) of any float dtype,
     or None. Returns y (x's shape, dtype and memory format) and float32 (N, num_groups) mean and rstd.
@@ -229,13 +230,14 @@ def group_norm_silu_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tens
     _dtype_code("group_norm_silu", x.dtype)
     out = _norm_fwd("group_norm_silu", x, _param(weight), _param(bias), num_groups, eps, silu, affine=False)
     if out is None:
-        return _triton("group_norm").group_norm_silu_fwd(x, weight, bias, num_groups, eps, silu)
+        return _triton("group_norm_silu").group_norm_silu_fwd(x, weight, bias, num_groups, eps, silu)
     return out
 
 
 def group_norm_silu_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
                         rstd: Tensor, num_groups: int, silu: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """GroupNorm (+ SiLU) backward, deterministic: as ``dxr.kernels.triton.group_norm.group_norm_silu_bwd``.
+    """GroupNorm (+ SiLU) backward, deterministic: as
+    ``dxr.kernels.triton.group_norm_silu.group_norm_silu_bwd``.
 
     Returns dx (x's shape, dtype and memory format) and float32 (C,) dweight and dbias (the gradients of
     implicit ones and zeros when weight or bias is None).
@@ -251,7 +253,7 @@ def group_norm_silu_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: O
     out = _norm_bwd("group_norm_silu", dy, x, _param(weight), _param(bias), mean, rstd, num_groups, silu,
                     affine=False)
     if out is None:
-        return _triton("group_norm").group_norm_silu_bwd(dy, x, weight, bias, mean, rstd, num_groups, silu)
+        return _triton("group_norm_silu").group_norm_silu_bwd(dy, x, weight, bias, mean, rstd, num_groups, silu)
     dx, dw_rows, db_rows, _splits = out
     return dx, dw_rows.sum(0), db_rows.sum(0)
 
@@ -353,13 +355,13 @@ def _check_choice(name: str, value: str, choices: tuple) -> None:
 
 def q_sample(x0: Tensor, noise: Tensor, t: Tensor, alphas_cumprod: Tensor) -> Tensor:
     """Forward diffusion ``sqrt(ᾱ[t])·x0 + sqrt(1-ᾱ[t])·noise`` in one launch: as
-    ``dxr.kernels.triton.sampler.q_sample``."""
+    ``dxr.kernels.triton.ddpm_step.q_sample``."""
     return _step("q_sample", _Q_SAMPLE, x0, None, noise, t, None, alphas_cumprod)
 
 
 def ddpm_step(x_t: Tensor, model_out: Tensor, t: Tensor, alphas_cumprod: Tensor, prediction: str,
               clip_x0: Optional[float], variance: str, noise: Optional[Tensor], seed: Union[int, Tensor]) -> Tensor:
-    """One ancestral DDPM step in one launch: as ``dxr.kernels.triton.sampler.ddpm_step`` (noise drawn
+    """One ancestral DDPM step in one launch: as ``dxr.kernels.triton.ddpm_step.ddpm_step`` (noise drawn
     in-kernel from ``seed``, an int key or an int64 (key, offset) tensor on the device, when None)."""
     _check_choice("prediction", prediction, ("eps", "v"))
     _check_choice("variance", variance, ("small", "large"))
@@ -371,7 +373,7 @@ def ddpm_step(x_t: Tensor, model_out: Tensor, t: Tensor, alphas_cumprod: Tensor,
 
 def ddim_step(x_t: Tensor, model_out: Tensor, t: Tensor, t_prev: Tensor, alphas_cumprod: Tensor, eta: float,
               prediction: str, clip_x0: Optional[float], noise: Optional[Tensor], seed: Union[int, Tensor]) -> Tensor:
-    """One DDIM step in one launch: as ``dxr.kernels.triton.sampler.ddim_step`` (eta = 0 ignores noise and
+    """One DDIM step in one launch: as ``dxr.kernels.triton.ddpm_step.ddim_step`` (eta = 0 ignores noise and
     seed; eta > 0 draws z in-kernel from ``seed``, an int or an int64 (key, offset) tensor, when noise is None)."""
     _check_choice("prediction", prediction, ("eps", "v"))
     add_noise = eta != 0

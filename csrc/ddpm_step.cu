@@ -6,7 +6,7 @@
 // goes back to the host, so a sampling loop of these launches can be captured in a CUDA graph.
 //
 // Coefficients are formed in the schedule's precision (double for a float64 schedule, else float with
-// IEEE division and square root) and rounded to float32 once, as dxr.kernels.triton.sampler does.
+// IEEE division and square root) and rounded to float32 once, as dxr.kernels.triton.ddpm_step does.
 //
 // In-kernel noise (no noise tensor): Philox4x32-10 keyed by the 64-bit seed, counter (lo, hi, 0, 0) =
 // n·⌈S/4⌉ + ⌊i/4⌋ for element i of sample n, its four 32-bit outputs turned into four normals by
