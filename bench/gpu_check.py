@@ -213,7 +213,7 @@ def warp_issue_rate(device: torch.device) -> Optional[float]:
 
 
 def _results(case: wl.Case, backend: str, inputs: dict) -> dict:
-    """The output and the gradient of every differentiable input, with explicit sampler noise."""
+    """The output and the gradient of every differentiable input, with explicit noise for the DDPM and DDIM steps."""
     names = wl.GRAD_INPUTS[case.op]
     leaves = {k: (v.detach().requires_grad_() if k in names else v) for k, v in inputs.items()}
     out = wl.call_once(lambda: wl.forward(case, backend, leaves, draw_noise=False), backend)
@@ -273,7 +273,7 @@ def draws_noise(case: wl.Case) -> bool:
 
 
 def check_noise(case: wl.Case, backend: str, device: torch.device, seed: int) -> list:
-    """In-kernel noise of a sampler step (float32): z recovered from the output has mean 0 and std 1
+    """In-kernel noise of a DDPM or DDIM step (float32): z recovered from the output has mean 0 and std 1
     within 6 standard errors, and the same seed gives the same result."""
     inputs = wl.make_inputs(case, torch.float32, device, seed)
     drawn = wl.forward(case, backend, inputs)
@@ -627,7 +627,7 @@ def time_e2e(device: torch.device, quick: bool, selected: tuple, rows: list) -> 
 
 def _check_all(case: wl.Case, backend: str, device: torch.device, index: int, missing: dict) -> list:
     """Every check of one case on one kernel backend: each dtype at the first case of an op (bfloat16
-    alone at the others), then the in-kernel noise of the sampler steps that draw it."""
+    alone at the others), then the in-kernel noise of the DDPM and DDIM steps that draw it."""
     records = []
     try:
         for dtype in DTYPES if index == 0 else DTYPES[:1]:

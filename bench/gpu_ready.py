@@ -58,7 +58,8 @@ for _path in (REPO, BENCH):
 
 from workloads import count_sass  # noqa: E402
 
-# the elementwise sampler steps, whose SASS count per element the report gives
+# the elementwise noise-schedule kernels (dxr.kernels.triton.ddpm_step), whose SASS count per element the
+# report gives
 _STEP_KERNELS = ("_q_sample_kernel", "_ddpm_step_kernel", "_ddim_step_kernel")
 
 # CUDA's grid limits: x up to 2³¹ - 1 programs, y and z up to 65,535
@@ -344,8 +345,8 @@ def _adain_cases() -> Iterator[Case]:
                 quick and dtype != torch.float16
 
 
-def _sampler_cases() -> Iterator[Case]:
-    from dxr.kernels.triton import sampler
+def _ddpm_step_cases() -> Iterator[Case]:
+    from dxr.kernels.triton import ddpm_step as steps
 
     ac = torch.linspace(0.999, 0.01, 1000, dtype=torch.float64)
     shapes = [((16, 3, 256, 256), True), ((8, 1, 256, 256), False), ((1, 1), True), ((3, 5, 7, 9), True),
@@ -355,20 +356,20 @@ def _sampler_cases() -> Iterator[Case]:
             def thunk(shape=shape, dtype=dtype):
                 x = torch.empty(shape, dtype=dtype)
                 t = torch.zeros(shape[0], dtype=torch.int64)
-                sampler.q_sample(x, torch.empty_like(x), t, ac)
+                steps.q_sample(x, torch.empty_like(x), t, ac)
                 for noise in (None, torch.empty_like(x)):
                     for variance, prediction, clip in (("small", "eps", None), ("large", "v", 1.0)):
-                        sampler.ddpm_step(x, x, t, ac, prediction, clip, variance, noise, 7)
+                        steps.ddpm_step(x, x, t, ac, prediction, clip, variance, noise, 7)
                     for eta in (0.0, 1.0):
-                        sampler.ddim_step(x, x, t, t, ac, eta, "eps", None, noise, 7)
-                sampler.ddim_step(x, x, t, t, ac.float(), 0.5, "v", 1.0, None, 7)
+                        steps.ddim_step(x, x, t, t, ac, eta, "eps", None, noise, 7)
+                steps.ddim_step(x, x, t, t, ac.float(), 0.5, "v", 1.0, None, 7)
                 # the seed in device memory, as a CUDA-graph sampler passes it
                 state = torch.zeros(2, dtype=torch.int64)
                 for variance, prediction, clip in (("small", "eps", None), ("large", "v", 1.0)):
-                    sampler.ddpm_step(x, x, t, ac, prediction, clip, variance, None, state)
-                sampler.ddim_step(x, x, t, t, ac, 1.0, "eps", None, None, state)
+                    steps.ddpm_step(x, x, t, ac, prediction, clip, variance, None, state)
+                steps.ddim_step(x, x, t, t, ac, 1.0, "eps", None, None, state)
 
-            yield "samplers", f"{'x'.join(map(str, shape))} {_dt(dtype)}", thunk, quick and dtype != torch.float16
+            yield "ddpm_step", f"{'x'.join(map(str, shape))} {_dt(dtype)}", thunk, quick and dtype != torch.float16
 
 
 def _attention_cases() -> Iterator[Case]:
@@ -417,10 +418,12 @@ def _drr_cases() -> Iterator[Case]:
 PROJECT_CASES = {
     "group_norm_silu": _group_norm_cases,
     "adain": _adain_cases,
-    "samplers": _sampler_cases,
+    "ddpm_step": _ddpm_step_cases,  # q_sample, ddpm_step and ddim_step: the kernels of one module
     "attention": _attention_cases,
     "drr": _drr_cases,
 }
+# --ops also takes the other ops whose kernels share a family's module
+OP_FAMILIES = {"q_sample": "ddpm_step", "ddim_step": "ddpm_step"}
 
 
 def _load_cases(path: Path) -> dict:
@@ -461,8 +464,8 @@ def check_arch(arch: Arch, ops: list[str], quick: bool, cases_file: Optional[Pat
 
 
 def instructions_per_element(row: dict) -> Optional[float]:
-    """SASS instructions per element of a sampler step variant: the kernels are straight-line code, so a
-    thread runs each instruction once for its BLOCK / (32 · num_warps) elements. None for other kernels."""
+    """SASS instructions per element of a noise-schedule kernel variant: the kernels are straight-line code,
+    so a thread runs each instruction once for its BLOCK / (32 · num_warps) elements. None for other kernels."""
     if row["kernel"] not in _STEP_KERNELS or not row.get("instructions"):
         return None
     config = dict(item.split("=") for item in row["config"].split())
@@ -479,7 +482,7 @@ def _step_costs(report: dict) -> list[str]:
             groups.setdefault((r["kernel"], r["arch"], noise), []).append(per_element)
     if not groups:
         return []
-    lines = ["", "## Sampler steps: SASS instructions per element", "",
+    lines = ["", "## Noise-schedule kernels (ddpm_step): SASS instructions per element", "",
              "Counted in the compiled code (straight-line kernels), over the variants: the in-kernel noise "
              "(Philox and Box-Muller) against a noise tensor read from memory.", "",
              "| kernel | arch | noise | instructions per element (min – max) |", "|---|---|---|---|"]
@@ -537,7 +540,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="exit 1 when a kernel fails the check")
     parser.add_argument("--arch", default="sm_90,sm_80", help="targets, comma-separated (default: %(default)s)")
     parser.add_argument("--ops", default=",".join(PROJECT_CASES),
-                        help="kernel families, comma-separated (default: %(default)s)")
+                        help="kernel families, comma-separated; q_sample and ddim_step name ddpm_step's "
+                             "(default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="the CI subset: fewer shapes and dtypes")
     parser.add_argument("--cases", type=Path, help="a Python file defining CASES to check instead of the project's")
     parser.add_argument("--out", type=Path, default=BENCH / "results", help="folder for the report (default: bench/results)")
@@ -546,13 +550,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
-    ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    ops = list(dict.fromkeys(OP_FAMILIES.get(o, o) for o in (o.strip() for o in args.ops.split(",")) if o))
     for a in archs:
         if a not in ARCHS:
             parser.error(f"--arch: unknown target {a!r}, expected some of {', '.join(ARCHS)}")
     for o in ops:
         if o not in PROJECT_CASES:
-            parser.error(f"--ops: unknown kernel family {o!r}, expected some of {', '.join(PROJECT_CASES)}")
+            parser.error(f"--ops: unknown kernel family {o!r}, "
+                         f"expected some of {', '.join([*PROJECT_CASES, *OP_FAMILIES])}")
     if args.cases is not None and not args.cases.is_file():
         parser.error(f"--cases: no such file {args.cases}")
     if args.cases is not None and not args.worker:

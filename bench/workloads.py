@@ -15,8 +15,9 @@ zero-argument callable that is timed, for one backend:
   (attention only).
 
 Modes: "fwd" (inputs that need no gradient), "bwd" (the backward alone, of a forward made once) and
-"fwd+bwd"; the samplers have "fwd" only. :func:`traffic_bytes` and :func:`flops` give the minimal
-memory traffic and the arithmetic of a case, from which GB/s and TFLOP/s follow.
+"fwd+bwd"; the noise-schedule ops (q_sample, ddpm_step, ddim_step) have "fwd" only. :func:`traffic_bytes`
+and :func:`flops` give the minimal memory traffic and the arithmetic of a case, from which GB/s and TFLOP/s
+follow.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ from dxr.kernels import reference
 KERNEL_BACKENDS = ("triton", "cuda")
 SDPA_BACKENDS = ("sdpa_flash", "sdpa_efficient")
 FWD, BWD, FWD_BWD = "fwd", "bwd", "fwd+bwd"
-NUM_STEPS = 1000  # length of the noise schedule the sampler cases use
-SEED = 1234  # seed of the in-kernel (and the reference's) noise in the timed sampler steps
+NUM_STEPS = 1000  # length of the noise schedule the q_sample, DDPM and DDIM cases use
+SEED = 1234  # seed of the in-kernel (and the reference's) noise in the timed DDPM and DDIM steps
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the pytest suites run
 
 
@@ -52,7 +53,7 @@ class Unavailable(Exception):
 class Case:
     """One op at one shape.
 
-    shape: x's (N, C, *spatial) for the norms and samplers, (B, H, Lq, Lk, D) for attention.
+    shape: x's (N, C, *spatial) for the norms and the noise-schedule ops, (B, H, Lq, Lk, D) for attention.
     options: the op's keyword arguments that shape the work (num_groups, eta), as (name, value) pairs.
     """
 
@@ -79,7 +80,7 @@ def _norm(op, *shapes, channels_last=(), **options):
            [Case(op, s, True, tuple(options.items())) for s in channels_last]
 
 
-def _sampler(op, *shapes, **options):
+def _steps(op, *shapes, **options):
     return [Case(op, s, False, tuple(options.items())) for s in shapes]
 
 
@@ -127,14 +128,14 @@ def _adain_inputs(case, normal, gen, device) -> dict:
             "dy": normal(*case.shape, layout=True)}
 
 
-def _sampler_inputs(case, normal, gen, device) -> dict:
+def _step_inputs(case, normal, gen, device) -> dict:
     t = torch.randint(1, NUM_STEPS, (case.shape[0],), generator=gen, device=device)
     return {"x": normal(*case.shape), "other": normal(*case.shape), "noise": normal(*case.shape), "t": t,
             "alphas_cumprod": _schedule(device)}
 
 
 def _ddim_inputs(case, normal, gen, device) -> dict:
-    inputs = _sampler_inputs(case, normal, gen, device)
+    inputs = _step_inputs(case, normal, gen, device)
     inputs["t_prev"] = (inputs["t"] - NUM_STEPS // 50).clamp(min=-1)
     return inputs
 
@@ -192,7 +193,7 @@ def _norm_traffic(params: Callable[[Case], int]) -> Callable[[Case, int, str], i
     return traffic
 
 
-def _sampler_traffic(case: Case, e: int, mode: str) -> int:
+def _step_traffic(case: Case, e: int, mode: str) -> int:
     """Two tensors read (x0 and the noise, or x_t and the model output, the noise drawn in-kernel), one written."""
     return 3 * math.prod(case.shape) * e
 
@@ -263,27 +264,27 @@ WORKLOADS = {w.name: w for w in (
                ("cpu", True): _norm("adain", (2, 16, 8, 8))},
         traffic=_norm_traffic(lambda case: case.shape[0] * case.shape[1]), splits=_adain_splits),
     OpWorkload(
-        "q_sample", (), "x", _sampler_inputs, _q_sample_call,
-        cases={("cuda", False): _sampler("q_sample", (16, 3, 256, 256), (8, 1, 256, 256)),
-               ("cuda", True): _sampler("q_sample", (16, 3, 256, 256)),
-               ("cpu", False): _sampler("q_sample", (8, 1, 256, 256)),
-               ("cpu", True): _sampler("q_sample", (2, 3, 16, 16))},
-        traffic=_sampler_traffic),
+        "q_sample", (), "x", _step_inputs, _q_sample_call,
+        cases={("cuda", False): _steps("q_sample", (16, 3, 256, 256), (8, 1, 256, 256)),
+               ("cuda", True): _steps("q_sample", (16, 3, 256, 256)),
+               ("cpu", False): _steps("q_sample", (8, 1, 256, 256)),
+               ("cpu", True): _steps("q_sample", (2, 3, 16, 16))},
+        traffic=_step_traffic),
     OpWorkload(
-        "ddpm_step", (), "x", _sampler_inputs, _ddpm_call,
-        cases={("cuda", False): _sampler("ddpm_step", (16, 3, 256, 256), (8, 1, 256, 256)),
-               ("cuda", True): _sampler("ddpm_step", (16, 3, 256, 256)),
-               ("cpu", False): _sampler("ddpm_step", (8, 1, 256, 256)),
-               ("cpu", True): _sampler("ddpm_step", (2, 3, 16, 16))},
-        traffic=_sampler_traffic),
+        "ddpm_step", (), "x", _step_inputs, _ddpm_call,
+        cases={("cuda", False): _steps("ddpm_step", (16, 3, 256, 256), (8, 1, 256, 256)),
+               ("cuda", True): _steps("ddpm_step", (16, 3, 256, 256)),
+               ("cpu", False): _steps("ddpm_step", (8, 1, 256, 256)),
+               ("cpu", True): _steps("ddpm_step", (2, 3, 16, 16))},
+        traffic=_step_traffic),
     OpWorkload(
         "ddim_step", (), "x", _ddim_inputs, _ddim_call,
-        cases={("cuda", False): _sampler("ddim_step", (16, 3, 256, 256), (8, 1, 256, 256), eta=0.0)
-                                + _sampler("ddim_step", (16, 3, 256, 256), eta=1.0),
-               ("cuda", True): _sampler("ddim_step", (16, 3, 256, 256), eta=0.0),
-               ("cpu", False): _sampler("ddim_step", (8, 1, 256, 256), eta=0.0),
-               ("cpu", True): _sampler("ddim_step", (2, 3, 16, 16), eta=1.0)},
-        traffic=_sampler_traffic),
+        cases={("cuda", False): _steps("ddim_step", (16, 3, 256, 256), (8, 1, 256, 256), eta=0.0)
+                                + _steps("ddim_step", (16, 3, 256, 256), eta=1.0),
+               ("cuda", True): _steps("ddim_step", (16, 3, 256, 256), eta=0.0),
+               ("cpu", False): _steps("ddim_step", (8, 1, 256, 256), eta=0.0),
+               ("cpu", True): _steps("ddim_step", (2, 3, 16, 16), eta=1.0)},
+        traffic=_step_traffic),
     OpWorkload(
         "attention", ("q", "k", "v"), "q", _attention_inputs, _attention_call,
         cases={("cuda", False): _attention((8, 8, 256, 256, 64), (4, 8, 1024, 1024, 64), (1, 16, 4096, 4096, 64),
@@ -303,7 +304,7 @@ def cases(op: str, device_type: str, quick: bool = False) -> list:
 
 
 def modes(op: str) -> tuple:
-    """The modes timed for ``op``: the samplers run forward only."""
+    """The modes timed for ``op``: the noise-schedule ops run forward only."""
     return (FWD, BWD, FWD_BWD) if GRAD_INPUTS[op] else (FWD,)
 
 
@@ -320,8 +321,8 @@ def make_inputs(case: Case, dtype: torch.dtype, device, seed: int = 0) -> dict:
     """Fresh random inputs of ``case`` (standard normal, never zeros) in ``dtype`` on ``device``.
 
     Holds the op's tensors by argument name, plus "dy" (the output gradient, in x's layout) for the
-    ops with a backward and "noise" (an explicit z) for the samplers. Sampler timesteps are drawn in
-    [1, NUM_STEPS) so every sample takes a noisy step.
+    ops with a backward and "noise" (an explicit z) for the noise-schedule ops, whose timesteps are drawn
+    in [1, NUM_STEPS) so every sample takes a noisy step.
     """
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -358,7 +359,7 @@ def _sdpa(backend: str, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 def forward(case: Case, backend: str, inputs: dict, *, draw_noise: bool = True) -> Tensor:
     """The output of ``case`` on ``inputs`` computed by ``backend``.
 
-    The samplers draw their noise from ``SEED`` when ``draw_noise`` (the reference with
+    The DDPM and DDIM steps draw their noise from ``SEED`` when ``draw_noise`` (the reference with
     ``torch.randn``, the kernels in-kernel), else take ``inputs["noise"]``.
     """
     op, workload = case.op, WORKLOADS[case.op]
@@ -445,7 +446,7 @@ def traffic_bytes(case: Case, dtype: torch.dtype, mode: str) -> Optional[int]:
 
     Norms: forward reads x and writes y; backward reads x and dy and writes dx; the per-channel
     (per-sample) parameters and their gradients are counted too, the float32 statistics are not.
-    Samplers: q_sample reads x0 and the noise, the steps read x_t and the model output and draw their
+    Noise-schedule ops: q_sample reads x0 and the noise, the steps read x_t and the model output and draw their
     noise in-kernel (no traffic); each writes its result.
     """
     return WORKLOADS[case.op].traffic(case, torch.empty((), dtype=dtype).element_size(), mode)

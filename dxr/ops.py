@@ -162,7 +162,7 @@ def _kernels(backend: str, op: str):
     elif op == "attention":
         from dxr.kernels.triton import attention as kernels
     else:  # q_sample, ddpm_step, ddim_step
-        from dxr.kernels.triton import sampler as kernels
+        from dxr.kernels.triton import ddpm_step as kernels
     return kernels
 
 
@@ -562,7 +562,7 @@ def ddpm_step(x_t: Tensor, model_out: Tensor, t, alphas_cumprod: Tensor, *, pred
 
     ``noise`` is the z of the step; when None the kernels draw it in-kernel (Philox keyed by ``seed``;
     one counter gives four normals for four consecutive elements of a sample, see
-    ``dxr.kernels.triton.sampler``), so pass a different seed at every step of a sampling loop.
+    ``dxr.kernels.triton.ddpm_step``), so pass a different seed at every step of a sampling loop.
     Same seed → same result on the same backend. t == 0 adds no noise.
 
     ``seed`` may also live in device memory: an int64 tensor (key, offset) of shape (2,) on x_t's device,

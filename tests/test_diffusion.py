@@ -187,7 +187,7 @@ def test_gaussian_diffusion_keeps_its_schedule_in_float64_and_samples():
 
 @pytest.mark.slow
 def test_samplers_on_the_triton_kernels_match_the_reference():
-    """The sampler kernels drawn in-kernel differ from torch.randn, so compare the deterministic paths."""
+    """The noise the ddpm_step kernels draw in-kernel differs from torch.randn, so compare the deterministic paths."""
     ac = _schedule(20)
     model = Affine().to(DEVICE)
     x_T = randn(2, 1, 8, 8, seed=9)

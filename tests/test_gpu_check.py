@@ -49,7 +49,7 @@ def test_cpu_quick_run_checks_times_and_writes_the_record(tmp_path):
     assert peaks["copy_gbps"] > 0 and peaks["matmul_tflops"] > 0
     assert result["timing_dtype"] == "float32" and not result["errors"]
 
-    # every dtype of the first case checked on Triton, each gradient of attention, the sampler's own noise
+    # every dtype of the first case checked on Triton, each gradient of attention, the steps' own noise
     checks = result["checks"]
     assert checks and all(c["passed"] for c in checks)
     for dtype in ("bfloat16", "float16", "float32"):
@@ -113,7 +113,7 @@ def test_a_wrong_kernel_fails_the_run_and_a_missing_one_is_reported(gpu_check, t
         return q_sample(*args, **kwargs) + 0.5
 
     def not_built(*args, **kwargs):
-        raise ModuleNotFoundError("No module named 'dxr.kernels.triton.sampler'", name="dxr.kernels.triton.sampler")
+        raise ModuleNotFoundError("No module named 'dxr.kernels.triton.ddpm_step'", name="dxr.kernels.triton.ddpm_step")
 
     monkeypatch.setattr(ops, "q_sample", off_by_half)
     monkeypatch.setattr(ops, "ddpm_step", not_built)

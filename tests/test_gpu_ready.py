@@ -151,6 +151,16 @@ def test_a_cases_file_without_cases_is_one_line_and_exit_2(tmp_path):
     assert "--cases:" in proc.stderr and "defining CASES" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_an_unknown_kernel_family_exits_2_naming_the_families_and_ops():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(CHECK), "--ops", "q_sample,samplers", "--no-write"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    # q_sample (an op of the ddpm_step module) is taken; the unknown name is the one reported
+    assert "unknown kernel family 'samplers'" in proc.stderr
+    assert all(name in proc.stderr for name in ("ddpm_step", "q_sample", "ddim_step", "group_norm_silu"))
+
+
 LAYOUT_PROBE = '''
 import sys
 sys.path.insert(0, {bench!r})

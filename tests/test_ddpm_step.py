@@ -13,7 +13,7 @@ from scipy import stats
 from dxr import ops
 from dxr.diffusion import cosine_schedule, linear_schedule
 from dxr.kernels import reference
-from dxr.kernels.triton import sampler
+from dxr.kernels.triton import ddpm_step as steps
 from helpers import DEVICE, DTYPES, assert_close, randn
 
 STEPS = 1000
@@ -294,7 +294,7 @@ def test_launcher_rejects_a_seed_outside_the_philox_key():
     t, ac = _timesteps((1, 2)), _schedule()
     for seed in (-1, 2**63):
         with pytest.raises(ValueError, match="seed must be an int in"):
-            sampler.ddpm_step(x, m, t, ac, "eps", None, "small", None, seed)
+            steps.ddpm_step(x, m, t, ac, "eps", None, "small", None, seed)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -394,7 +394,7 @@ def test_bad_seed_tensors_raise_naming_seed(backend):
         with pytest.raises(ValueError, match="seed"):
             ops.ddim_step(x, m, t, t_prev, ac, eta=0.5, seed=seed, backend=backend)
     with pytest.raises(ValueError, match="seed"):
-        sampler.ddpm_step(x, m, t, ac, "eps", None, "small", None, torch.tensor([1, 0, 5, 0], device=DEVICE)[::2])
+        steps.ddpm_step(x, m, t, ac, "eps", None, "small", None, torch.tensor([1, 0, 5, 0], device=DEVICE)[::2])
 
 
 def test_a_step_reading_and_advancing_a_device_seed_compiles_to_one_graph():
@@ -440,7 +440,7 @@ def test_opcheck_triton_ops():
 def _sincos_table(u_ptr, sin_ptr, cos_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    s, c = sampler._sincos_turns(tl.load(u_ptr + offs, mask=mask, other=0.0))
+    s, c = steps._sincos_turns(tl.load(u_ptr + offs, mask=mask, other=0.0))
     tl.store(sin_ptr + offs, s, mask=mask)
     tl.store(cos_ptr + offs, c, mask=mask)
 
@@ -464,8 +464,8 @@ def _float64_table(a_ptr, recip_ptr, sqrt_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     a = tl.load(a_ptr + offs, mask=mask, other=1.0)
-    tl.store(recip_ptr + offs, sampler._recip64(a), mask=mask)
-    tl.store(sqrt_ptr + offs, sampler._sqrt64(a), mask=mask)
+    tl.store(recip_ptr + offs, steps._recip64(a), mask=mask)
+    tl.store(sqrt_ptr + offs, steps._sqrt64(a), mask=mask)
 
 
 def test_float64_reciprocal_and_square_root_are_within_one_ulp():
