@@ -387,7 +387,8 @@ __global__ void __launch_bounds__(kMaxThreads, 1) norm_fwd_partial(NormArgs a) {
       acc[1][i] += d * d;
     }
   });
-  float* out = a.partial + (t.tile * a.splits + t.split) * a.GT * 2;
+  // the statistics blocks run in index order: blockIdx.x is (tile · splits + split), what the apply reads
+  float* out = a.partial + static_cast<int64_t>(blockIdx.x) * a.GT * 2;
   for (int gi = threadIdx.x; gi < a.GT; gi += blockDim.x) {
     float s1 = 0.f, s2 = 0.f;
     for (int j = 0; j < a.CPG; ++j) {
@@ -559,7 +560,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) norm_bwd_partial(NormArgs a) {
   load_saved_stats(a, t, sm);
   __syncthreads();
   grad_sums<T, VEC, CL>(a, t, sm, static_cast<const T*>(a.x), static_cast<const T*>(a.dy), false);
-  write_grad_partials(a, t, sm, a.partial + (t.tile * a.splits + t.split) * a.GT * 2);
+  write_grad_partials(a, t, sm, a.partial + static_cast<int64_t>(blockIdx.x) * a.GT * 2);  // as norm_fwd_partial
 }
 
 // as norm_fwd_apply: the chunks in the reverse of the statistics launch's order (x and dy from L2 first)
