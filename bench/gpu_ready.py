@@ -293,7 +293,7 @@ def _dt(dtype) -> str:
 
 
 def _group_norm_cases() -> Iterator[Case]:
-    from dxr.kernels.triton import group_norm as gn
+    from dxr.kernels.triton import group_norm_silu as gn
 
     # (shape, groups, channels_last, quick): the benchmark shapes, the UNet's, and edge sizes
     shapes = [
@@ -439,7 +439,7 @@ def _load_cases(path: Path) -> dict:
 
 
 def check_arch(arch: Arch, ops: list[str], quick: bool, cases_file: Optional[Path], progress: bool) -> dict:
-    from dxr.kernels.triton import group_norm as gn
+    from dxr.kernels.triton import group_norm_silu as gn
 
     gn.DEFAULT_SMS = arch.sms  # the split path plans for the SM count of the part
     sources = _load_cases(cases_file) if cases_file else {op: PROJECT_CASES[op] for op in ops}

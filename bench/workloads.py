@@ -207,10 +207,11 @@ def _no_count(*args) -> None:
 
 
 def _group_norm_splits(case: Case, device, backward: bool) -> bool:
-    from dxr.kernels.triton import group_norm as kernels
+    from dxr.kernels.triton import group_norm_silu as kernels
 
     n, c, s = case.shape[0], case.shape[1], math.prod(case.shape[2:])
-    return not kernels.choose_plan(n, c, s, case.kwargs["num_groups"], backward=backward, device=device).onchip
+    return not kernels.choose_plan(n, c, s, case.kwargs["num_groups"], backward=backward,
+                                   channels_last=case.channels_last, device=device).onchip
 
 
 def _adain_splits(case: Case, device, backward: bool) -> bool:

@@ -156,7 +156,7 @@ def _kernels(backend: str, op: str):
     if backend == "cuda":
         return _cuda_extension()
     if op == "group_norm_silu":
-        from dxr.kernels.triton import group_norm as kernels
+        from dxr.kernels.triton import group_norm_silu as kernels
     elif op == "adain":
         from dxr.kernels.triton import adain as kernels
     elif op == "attention":

@@ -165,7 +165,7 @@ LAYOUT_PROBE = '''
 import sys
 sys.path.insert(0, {bench!r})
 import gpu_ready
-from dxr.kernels.triton import adain, group_norm as gn
+from dxr.kernels.triton import adain, group_norm_silu as gn
 
 
 class Seen(Exception):

@@ -92,7 +92,7 @@ def test_unet_bad_inputs_are_clear_errors():
 
 
 @pytest.mark.skipif(not _triton_modules_present("group_norm", "attention"),
-                    reason="needs dxr/kernels/triton/group_norm.py and attention.py")
+                    reason="needs dxr/kernels/triton/group_norm_silu.py and attention.py")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.slow
 def test_unet_triton_backend_matches_torch(dtype):
@@ -161,7 +161,7 @@ def test_munit_defaults_are_nvlabs_weights():
 
 
 @pytest.mark.skipif(not _triton_modules_present("group_norm", "adain"),
-                    reason="needs dxr/kernels/triton/group_norm.py and adain.py")
+                    reason="needs dxr/kernels/triton/group_norm_silu.py and adain.py")
 def test_munit_generator_triton_backend_matches_torch():
     torch.manual_seed(0)
     reference = MUNIT(**TINY_MUNIT, backend="torch").to(DEVICE)

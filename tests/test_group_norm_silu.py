@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from dxr import ops
 from dxr.kernels import reference
-from dxr.kernels.triton import group_norm as gn
+from dxr.kernels.triton import group_norm_silu as gn
 from helpers import DEVICE, DTYPES, assert_close
 
 EPS = 1e-5
@@ -22,7 +22,7 @@ LAYOUTS = ("contiguous", "channels_last")
 # forced paths for the launch functions: the whole group in one tile, or small tiles shared among
 # several programs per group (tiles < group, several splits, ragged last tile and channel block)
 PATHS = {
-    "onchip": dict(onchip_elements=1 << 20),
+    "onchip": dict(onchip_elements=1 << 20, target_programs=1),
     "split": dict(onchip_elements=0, tile_elements=256, target_programs=16),
 }
 
@@ -56,11 +56,12 @@ def _reference(x, weight, bias, groups, silu, dy):
     return y.detach(), mean, torch.rsqrt(var + EPS), x64.grad, w64.grad, b64.grad
 
 
-def _launch(x, weight, bias, groups, silu, dy, path=None):
-    """The launch functions, forward then backward, on the forced ``path`` (default: the chosen one)."""
+def _launch(x, weight, bias, groups, silu, dy, path=None, packed=False):
+    """The launch functions, forward then backward, on the forced ``path`` (default: the chosen one);
+    ``packed``: the plan for channels-last input, several narrow groups per tile."""
     n, c = x.shape[:2]
     s = x.numel() // (n * c)
-    kw = PATHS[path] if path else {}
+    kw = dict(PATHS[path], channels_last=packed) if path else {}
     fwd_plan = gn.choose_plan(n, c, s, groups, **kw) if path else None
     bwd_plan = gn.choose_plan(n, c, s, groups, backward=True, **kw) if path else None
     y, mean, rstd = gn.group_norm_silu_fwd(x, weight, bias, groups, EPS, silu, plan=fwd_plan)
@@ -68,9 +69,9 @@ def _launch(x, weight, bias, groups, silu, dy, path=None):
     return y, mean, rstd, dx, dw, db
 
 
-def _check_launch(x, weight, bias, groups, silu, dy, path=None):
+def _check_launch(x, weight, bias, groups, silu, dy, path=None, packed=False):
     """Forward, statistics and every gradient of the launch functions against the reference."""
-    got = _launch(x, weight, bias, groups, silu, dy, path)
+    got = _launch(x, weight, bias, groups, silu, dy, path, packed)
     want = _reference(x, weight, bias, groups, silu, dy)
     for name, a, b in zip(("y", "mean", "rstd", "dx", "dweight", "dbias"), got, want):
         dtype = x.dtype if name in ("y", "dx") else torch.float32
@@ -304,16 +305,62 @@ def test_launch_rejects_bad_input():
     layout=st.sampled_from(LAYOUTS),
     silu=st.booleans(),
     path=st.sampled_from(sorted(PATHS)),
+    packed=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_fuzz_shapes(n, groups, per_group, spatial, dtype, layout, silu, path, seed):
+def test_fuzz_shapes(n, groups, per_group, spatial, dtype, layout, silu, path, packed, seed):
     # the reference (torch) refuses a group of one element
     assume(per_group * math.prod(spatial) > 1)
     shape = (n, groups * per_group, *spatial)
     x = _random(shape, dtype, layout, seed=seed)
     w, b = _params(shape[1], seed=seed + 1)
     dy = _random(shape, dtype, layout, seed=seed + 2)
-    _check_launch(x, w, b, groups, silu, dy, path)
+    _check_launch(x, w, b, groups, silu, dy, path, packed)
+
+
+# (shape, groups): several narrow groups share a tile: G not a multiple of the groups per tile, three
+# channels per group (lanes padded within each group), every lane a channel, and one channel per group
+PACKED = [((2, 20, 5, 7), 5), ((2, 12, 6, 7), 4), ((1, 64, 5, 7), 16), ((3, 8, 4, 9), 8)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("shape, groups", PACKED, ids=["ragged-G", "cpg3", "even", "cpg1"])
+def test_several_groups_per_tile(shape, groups, path, dtype, layout):
+    n, c = shape[:2]
+    s = math.prod(shape[2:])
+    for backward in (False, True):
+        plan = gn.choose_plan(n, c, s, groups, backward=backward, channels_last=True, **PATHS[path])
+        assert plan.block_g > 1 and plan.block_c >= c // groups
+    x = _random(shape, dtype, layout, seed=14)
+    w, b = _params(c, dtype)
+    dy = _random(shape, dtype, layout, seed=15)
+    _check_launch(x, w, b, groups, True, dy, path, packed=True)
+
+
+def test_channels_last_plans_pack_narrow_groups():
+    # the UNet's first level, 128 channels in 32 groups: 4 channels (8 bytes of fp16) per group and pixel;
+    # a channels-last tile takes 16 whole groups, 64 neighbouring channels
+    plan = gn.choose_plan(8, 128, 64 * 64, 32, channels_last=True)
+    assert not plan.onchip and plan.block_g == 16 and plan.block_c == 4
+    assert plan.block_g * plan.block_c * plan.block_s <= gn.TILE_ELEMENTS
+    assert 8 * 2 * plan.splits >= 3 * gn.DEFAULT_SMS
+    # wide groups take a tile of their own, and contiguous input never packs
+    assert gn.choose_plan(8, 512, 32 * 32, 8, channels_last=True).block_g == 1
+    assert gn.choose_plan(8, 128, 64 * 64, 32).block_g == 1
+    # on-chip, packing stops where it would leave SMs without a program
+    assert gn.choose_plan(1, 128, 8 * 8, 32, channels_last=True).block_g == 1
+    assert gn.choose_plan(64, 128, 8 * 8, 32, channels_last=True).block_g == 8  # 64 · 4 programs
+    assert gn.choose_plan(128, 128, 8 * 8, 32, channels_last=True).block_g == 16
+
+
+def test_plans_with_several_groups_per_tile_are_checked():
+    x = _random((2, 12, 7))
+    with pytest.raises(ValueError, match="block_c must cover a group of 4 channels"):
+        gn.group_norm_silu_fwd(x, None, None, 3, EPS, True, plan=gn.Plan(True, 2, 8, 1, 1, block_g=2))
+    with pytest.raises(ValueError, match="block_g must be a power of two"):
+        gn.group_norm_silu_fwd(x, None, None, 3, EPS, True, plan=gn.Plan(True, 4, 8, 1, 1, block_g=3))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
