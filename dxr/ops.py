@@ -356,7 +356,7 @@ def _attention_grad(ctx, do, _dlse):
 
 _attention_fwd.register_autograd(_attention_grad, setup_context=_attention_setup)
 
-MAX_HEAD_DIM = 256
+MAX_HEAD_DIM = reference.MAX_HEAD_DIM
 
 
 @torch._dynamo.assume_constant_result

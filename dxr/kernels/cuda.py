@@ -348,11 +348,6 @@ def _step(op: str, kind: int, x: Tensor, model: Optional[Tensor], noise: Optiona
     return out
 
 
-def _check_choice(name: str, value: str, choices: tuple) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-
-
 def q_sample(x0: Tensor, noise: Tensor, t: Tensor, alphas_cumprod: Tensor) -> Tensor:
     """Forward diffusion ``sqrt(ᾱ[t])·x0 + sqrt(1-ᾱ[t])·noise`` in one launch: as
     ``dxr.kernels.triton.ddpm_step.q_sample``."""
@@ -363,8 +358,8 @@ def ddpm_step(x_t: Tensor, model_out: Tensor, t: Tensor, alphas_cumprod: Tensor,
               clip_x0: Optional[float], variance: str, noise: Optional[Tensor], seed: Union[int, Tensor]) -> Tensor:
     """One ancestral DDPM step in one launch: as ``dxr.kernels.triton.ddpm_step.ddpm_step`` (noise drawn
     in-kernel from ``seed``, an int key or an int64 (key, offset) tensor on the device, when None)."""
-    _check_choice("prediction", prediction, ("eps", "v"))
-    _check_choice("variance", variance, ("small", "large"))
+    reference.check_choice("prediction", prediction, ("eps", "v"))
+    reference.check_choice("variance", variance, ("small", "large"))
     if noise is None:
         reference.check_seed(seed, x_t)
     return _step("ddpm_step", _DDPM, x_t, model_out, noise, t, None, alphas_cumprod, pred_v=prediction == "v",
@@ -375,7 +370,7 @@ def ddim_step(x_t: Tensor, model_out: Tensor, t: Tensor, t_prev: Tensor, alphas_
               prediction: str, clip_x0: Optional[float], noise: Optional[Tensor], seed: Union[int, Tensor]) -> Tensor:
     """One DDIM step in one launch: as ``dxr.kernels.triton.ddpm_step.ddim_step`` (eta = 0 ignores noise and
     seed; eta > 0 draws z in-kernel from ``seed``, an int or an int64 (key, offset) tensor, when noise is None)."""
-    _check_choice("prediction", prediction, ("eps", "v"))
+    reference.check_choice("prediction", prediction, ("eps", "v"))
     add_noise = eta != 0
     if add_noise and noise is None:
         reference.check_seed(seed, x_t)

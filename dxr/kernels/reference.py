@@ -50,6 +50,10 @@ def adain(x, scale, shift, eps=1e-5):
     return y.to(x.dtype)
 
 
+# the widest attention head dxr.ops takes, on every backend
+MAX_HEAD_DIM = 256
+
+
 def attention(q, k, v, scale=None):
     """``softmax(q @ kᵀ · scale) @ v`` with q (B, H, Lq, D), k and v (B, H, Lk, D); no mask, non-causal.
     The softmax runs in float32."""
@@ -167,6 +171,12 @@ def check_seed(seed, x) -> None:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise ValueError(f"seed must be an int in [0, 2**63) (the 64-bit Philox key) or an int64 tensor (key, offset) "
                          f"of shape (2,) on the device, got {seed!r}")
+
+
+def check_choice(name: str, value: str, choices: tuple) -> None:
+    """Raise ValueError naming ``name`` unless ``value`` is one of ``choices`` (the kernels' string options)."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
 def _gaussian(like, noise, seed):

@@ -38,7 +38,6 @@ instead. The interpreter runs one configuration and serves every case.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Optional
 
 import torch
@@ -46,14 +45,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from dxr.kernels import reference
 from dxr.kernels.triton import attention_tiles, common
 
-MAX_HEAD_DIM = 256
+MAX_HEAD_DIM = reference.MAX_HEAD_DIM
 # offsets inside one (batch, head) slice are 32-bit
 _MAX_SLICE = 2**31 - 1
 # programs on grid axis x
 _MAX_PROGRAMS = 2**31 - 1
-_LN2 = math.log(2.0)
 # the interpreter's cost is programs × operations: few, large blocks, but still several per test shape
 _INTERPRETER_BLOCK = 32
 
@@ -297,7 +296,7 @@ def _attention_fwd_kernel(
     o_base = _slice_base(o_ptr, bh, H, stride_ob, stride_oh)
     _store_tile(o_base + rows[:, None] * stride_ol + d[None, :] * stride_od, acc / l_i[:, None], rows, Lq, d,
                 HEAD_DIM, BLOCK_D)
-    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+    lse = (m_i + tl.log2(l_i)) * common.LN2
     tl.store(lse_ptr + bh.to(tl.int64) * Lq + rows, lse, mask=rows < Lq)
 
 
@@ -347,7 +346,7 @@ def _bwd_query_block(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, rows, 
         lse = tl.load(lse_ptrs)
         delta = tl.load(delta_ptrs)
     # Pᵀ (keys × queries), recomputed in base 2: exp2(s·log2e − lse·log2e)
-    p_t = tl.exp2(_dot(k, tl.trans(q), None, IEEE) * qk_scale - lse[None, :] * 1.4426950408889634)
+    p_t = tl.exp2(_dot(k, tl.trans(q), None, IEEE) * qk_scale - lse[None, :] * common.LOG2E)
     if CHECK_ROWS:
         p_t = tl.where((rows < Lq)[None, :], p_t, 0.0)
     dv = _dot(p_t.to(do.dtype), do, dv, IEEE)
@@ -477,7 +476,7 @@ def _attention_bwd_dq_kernel(
     do = _load_tile(do_base + rows[:, None] * stride_dol + d[None, :] * stride_dod, rows, Lq, d,
                     HEAD_DIM, BLOCK_D, True, UPCAST)
     stats = bh.to(tl.int64) * Lq + rows
-    lse2 = tl.load(lse_ptr + stats, mask=rows < Lq, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(lse_ptr + stats, mask=rows < Lq, other=0.0) * common.LOG2E
     delta = tl.load(delta_ptr + stats, mask=rows < Lq, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     full_blocks = Lk // BLOCK_N
@@ -581,7 +580,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor
 
     _attention_fwd[grid](
         q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        h, lq, lk, scale / _LN2,
+        h, lq, lk, scale / common.LN2.value,
         HEAD_DIM=d, BLOCK_D=_block_d(d), UPCAST=_upcast(q.dtype), IEEE=q.dtype == torch.float32,
     )
     return o, lse
@@ -616,7 +615,7 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: T
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=_DELTA_BLOCK,
     )
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
-    qk_scale = scale / _LN2
+    qk_scale = scale / common.LN2.value
 
     def key_grid(meta):
         return launch_grid(lk, b * h, meta["BLOCK_N"])

@@ -1,5 +1,5 @@
 """What the Triton kernel modules share: the interpreter flag, autotuning with a deterministic mode,
-float32 loads and constants.
+float32 loads and the ln 2 constants.
 
 Determinism. Every kernel is free of atomics, so one compiled configuration gives bitwise the same
 output for the same input, run after run. Which configuration runs is the autotuner's choice, made by
@@ -19,8 +19,9 @@ import os
 import triton
 import triton.language as tl
 
-LN2 = math.log(2.0)
-LOG2E = 1.0 / LN2
+# ln 2 and log2 e as constants kernels may read (``.value`` is the float on the host)
+LN2 = tl.constexpr(math.log(2.0))
+LOG2E = tl.constexpr(1.0 / math.log(2.0))
 
 
 def interpreting() -> bool:

@@ -405,11 +405,6 @@ def _grid(x: Tensor):
     return per_sample, lambda meta: (n * triton.cdiv(per_sample, meta["BLOCK"]),)
 
 
-def _check_choice(name: str, value: str, choices: tuple) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-
-
 def q_sample(x0: Tensor, noise: Tensor, t: Tensor, alphas_cumprod: Tensor) -> Tensor:
     """Forward diffusion ``sqrt(ᾱ[t])·x0 + sqrt(1-ᾱ[t])·noise`` in one launch.
 
@@ -438,8 +433,8 @@ def ddpm_step(x_t: Tensor, model_out: Tensor, t: Tensor, alphas_cumprod: Tensor,
     t == 0. Returns a tensor with x_t's dtype and strides. Raises ValueError for an unknown prediction or
     variance, or a seed that is neither (see ``reference.check_seed``).
     """
-    _check_choice("prediction", prediction, ("eps", "v"))
-    _check_choice("variance", variance, ("small", "large"))
+    reference.check_choice("prediction", prediction, ("eps", "v"))
+    reference.check_choice("variance", variance, ("small", "large"))
     if noise is None:
         reference.check_seed(seed, x_t)
     out, work, (x_t, model_out, noise) = _prepare(x_t, model_out, noise)
@@ -466,7 +461,7 @@ def ddim_step(x_t: Tensor, model_out: Tensor, t: Tensor, t_prev: Tensor, alphas_
     docstring). When x0 is clamped, eps is recomputed from the clamped x0. Returns a tensor with x_t's
     dtype and strides. Raises ValueError for an unknown prediction, or a bad seed (see ``reference.check_seed``).
     """
-    _check_choice("prediction", prediction, ("eps", "v"))
+    reference.check_choice("prediction", prediction, ("eps", "v"))
     add_noise = eta != 0
     draw_noise = add_noise and noise is None
     if draw_noise:
