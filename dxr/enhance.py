@@ -264,8 +264,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"), default=None, help="kernels of the fused ops")
     p.add_argument("--cuda-graph", action="store_true",
                    help="replay each sampler step from a CUDA graph (a GPU; the plain loop on a CPU)")
-    p.add_argument("--profile", choices=profiling.MODES, default="none",
-                   help="nvtx: NVTX ranges per sampler step for nsys; torch: a torch.profiler trace in --out")
+    profiling.add_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 

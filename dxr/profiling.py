@@ -68,6 +68,15 @@ def check_mode(mode: Optional[str]) -> str:
     return mode
 
 
+SAMPLER_HELP = "nvtx: NVTX ranges per sampler step for nsys; torch: a torch.profiler trace in --out"
+
+
+def add_argument(parser, help: str = SAMPLER_HELP, default: Optional[str] = "none") -> None:
+    """Declare ``--profile {none,nvtx,torch}`` on an argparse ``parser`` (the commands' one flag for
+    :func:`session`)."""
+    parser.add_argument("--profile", choices=MODES, default=default, help=help)
+
+
 @contextlib.contextmanager
 def session(mode: Optional[str], out_dir: Union[str, Path, None] = None) -> Iterator[Optional[Path]]:
     """Profile the block: "none" does nothing, "nvtx" turns regions into NVTX ranges (run the command

@@ -374,7 +374,7 @@ def _parser(stage: str = DEFAULT_STAGE) -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, dest="save_every", help=f"steps between checkpoints ({of('save_every')})")
     p.add_argument("--log-every", type=int, dest="log_every", help=f"steps between metrics records ({of('log_every')})")
     p.add_argument("--no-progress", action="store_false", dest="progress", help="no progress bar")
-    p.add_argument("--profile", choices=profiling.MODES, help=PROFILE_HELP)
+    profiling.add_argument(p, PROFILE_HELP, default=None)
     p.add_argument("--set", action="append", dest="overrides", metavar="KEY=VALUE",
                    help="any other setting (listed below), e.g. unet.base_channels=32, unet.channel_mult=1,2,2, "
                         "timesteps=200")

@@ -47,3 +47,15 @@ def test_bad_modes_and_names_are_named():
         with profiling.region(3):
             pass
     assert profiling.check_mode(None) == "none"
+
+
+def test_commands_share_one_profile_flag(capsys):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    profiling.add_argument(parser)
+    assert parser.parse_args([]).profile == "none"
+    assert parser.parse_args(["--profile", "torch"]).profile == "torch"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--profile", "perf"])
+    assert "invalid choice: 'perf'" in capsys.readouterr().err
