@@ -104,6 +104,7 @@ def test_op_other_ranks_and_long_rows(shape, layout):
 # both kernel paths, forced
 
 
+@pytest.mark.slow  # an interpreter sweep: make test runs it, make test-quick leaves it out
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -220,6 +221,7 @@ def test_opcheck(layout):
     torch.library.opcheck(torch.ops.dxr.adain_fwd.default, args)
 
 
+@pytest.mark.slow  # an interpreter sweep: make test runs it, make test-quick leaves it out
 @settings(max_examples=12, deadline=None)
 @given(
     n=st.integers(1, 3),

@@ -305,6 +305,7 @@ def _state(key, offset=0):
     return torch.tensor([key, offset], dtype=torch.int64, device=DEVICE)
 
 
+@pytest.mark.slow  # an interpreter sweep: make test runs it, make test-quick leaves it out
 @pytest.mark.parametrize("shape", [NOISE_SHAPE, (3, 2, 5, 7)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_seed_tensor_at_offset_zero_is_the_int_seed_bitwise(dtype, shape):

@@ -154,6 +154,7 @@ def test_opcheck():
 # launch functions: both paths, layouts, ranks, ragged sizes
 
 
+@pytest.mark.slow  # an interpreter sweep: make test runs it, make test-quick leaves it out
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("path", PATHS)
@@ -295,6 +296,7 @@ def test_launch_rejects_bad_input():
         gn.group_norm_silu_bwd(x, x, None, None, mean, rstd, 3, True, plan=gn.Plan(False, 2, 1, 1, 2))
 
 
+@pytest.mark.slow  # an interpreter sweep: make test runs it, make test-quick leaves it out
 @settings(max_examples=10, deadline=None)
 @given(
     n=st.integers(1, 2),
@@ -323,6 +325,7 @@ def test_fuzz_shapes(n, groups, per_group, spatial, dtype, layout, silu, path, p
 PACKED = [((2, 20, 5, 7), 5), ((2, 12, 6, 7), 4), ((1, 64, 5, 7), 16), ((3, 8, 4, 9), 8)]
 
 
+@pytest.mark.slow  # an interpreter sweep: make test runs it, make test-quick leaves it out
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("path", PATHS)

@@ -91,7 +91,7 @@ def test_unet_bad_inputs_are_clear_errors():
         UNet(**{**TINY_UNET, "base_channels": 12})
 
 
-@pytest.mark.skipif(not _triton_modules_present("group_norm", "attention"),
+@pytest.mark.skipif(not _triton_modules_present("group_norm_silu", "attention"),
                     reason="needs dxr/kernels/triton/group_norm_silu.py and attention.py")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.slow
@@ -160,7 +160,7 @@ def test_munit_defaults_are_nvlabs_weights():
     assert (c.lr, c.beta1, c.beta2, c.weight_decay) == (1e-4, 0.5, 0.999, 1e-4)
 
 
-@pytest.mark.skipif(not _triton_modules_present("group_norm", "adain"),
+@pytest.mark.skipif(not _triton_modules_present("group_norm_silu", "adain"),
                     reason="needs dxr/kernels/triton/group_norm_silu.py and adain.py")
 def test_munit_generator_triton_backend_matches_torch():
     torch.manual_seed(0)
