@@ -263,7 +263,8 @@ WORKLOADS = {w.name: w for w in (
                ("cuda", True): _norm("adain", (8, 256, 64, 64)),
                ("cpu", False): _norm("adain", (1, 256, 64, 64)),
                ("cpu", True): _norm("adain", (2, 16, 8, 8))},
-        traffic=_norm_traffic(lambda case: case.shape[0] * case.shape[1]), splits=_adain_splits),
+        traffic=_norm_traffic(lambda case: case.shape[0] * case.shape[1]), splits=_adain_splits,
+        second_read_in_l2=True),
     OpWorkload(
         "q_sample", (), "x", _step_inputs, _q_sample_call,
         cases={("cuda", False): _steps("q_sample", (16, 3, 256, 256), (8, 1, 256, 256)),
