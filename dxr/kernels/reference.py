@@ -248,11 +248,11 @@ def ddim_step(x_t, model_out, t, t_prev, alphas_cumprod, *, eta=0.0, prediction=
 # the clamp of x0 (when clip_x0 is set) passing gradient where x0 lies in [-clip_x0, clip_x0]
 
 
-def _x0_coefficients(ab, prediction):
+def _x0_coefficients(alpha_bar, prediction):
     """(a, b) with x0 = a·x_t + b·model_out."""
     if prediction == "eps":
-        return ab.rsqrt(), -(1 - ab).sqrt() * ab.rsqrt()
-    return ab.sqrt(), -(1 - ab).sqrt()
+        return alpha_bar.rsqrt(), -(1 - alpha_bar).sqrt() * alpha_bar.rsqrt()
+    return alpha_bar.sqrt(), -(1 - alpha_bar).sqrt()
 
 
 def _inside_clip(xf, mf, a, b, clip_x0):
@@ -265,17 +265,17 @@ def ddpm_step_vjp(dout, x_t, model_out, t, alphas_cumprod, *, prediction="eps", 
     accumulation dtype: the closed form of the step's derivative."""
     nd = x_t.dim()
     xf, mf, g = _acc(x_t), _acc(model_out), _acc(dout)
-    ab = _per_sample(alphas_cumprod, t, nd)
-    ab_prev = torch.where(t > 0, _acc(alphas_cumprod)[(t - 1).clamp(min=0)], 1.0).reshape(ab.shape)
-    beta = 1 - ab / ab_prev
-    to_x0 = beta * ab_prev.sqrt() / (1 - ab)  # posterior mean = to_x0·x0 + to_xt·x_t
-    to_xt = (1 - ab_prev) * (1 - beta).sqrt() / (1 - ab)
-    a, b = _x0_coefficients(ab, prediction)
+    alpha_bar = _per_sample(alphas_cumprod, t, nd)
+    alpha_bar_prev = torch.where(t > 0, _acc(alphas_cumprod)[(t - 1).clamp(min=0)], 1.0).reshape(alpha_bar.shape)
+    beta = 1 - alpha_bar / alpha_bar_prev
+    to_x0 = beta * alpha_bar_prev.sqrt() / (1 - alpha_bar)  # posterior mean = to_x0·x0 + to_xt·x_t
+    to_xt = (1 - alpha_bar_prev) * (1 - beta).sqrt() / (1 - alpha_bar)
+    a, b = _x0_coefficients(alpha_bar, prediction)
     g_x0 = to_x0 * g
     if clip_x0 is not None:
         g_x0 = g_x0 * _inside_clip(xf, mf, a, b, clip_x0)
-    var = beta * (1 - ab_prev) / (1 - ab) if variance == "small" else beta
-    nonzero = (t > 0).to(ab.dtype).reshape(ab.shape)
+    var = beta * (1 - alpha_bar_prev) / (1 - alpha_bar) if variance == "small" else beta
+    nonzero = (t > 0).to(alpha_bar.dtype).reshape(alpha_bar.shape)
     return a * g_x0 + to_xt * g, b * g_x0, nonzero * var.sqrt() * g
 
 
@@ -284,18 +284,22 @@ def ddim_step_vjp(dout, x_t, model_out, t, t_prev, alphas_cumprod, *, eta=0.0, p
     accumulation dtype: the closed form of the step's derivative."""
     nd = x_t.dim()
     xf, mf, g = _acc(x_t), _acc(model_out), _acc(dout)
-    ab = _per_sample(alphas_cumprod, t, nd)
-    ab_prev = torch.where(t_prev >= 0, _acc(alphas_cumprod)[t_prev.clamp(min=0)], 1.0).reshape(ab.shape)
-    sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).clamp(min=0).sqrt()
-    to_eps = (1 - ab_prev - sigma**2).clamp(min=0).sqrt()  # out = sqrt(ᾱ_prev)·x0 + to_eps·eps + σ·z
-    a, b = _x0_coefficients(ab, prediction)
+    alpha_bar = _per_sample(alphas_cumprod, t, nd)
+    alpha_bar_prev = torch.where(t_prev >= 0, _acc(alphas_cumprod)[t_prev.clamp(min=0)], 1.0).reshape(alpha_bar.shape)
+    sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).clamp(min=0).sqrt()
+    to_eps = (1 - alpha_bar_prev - sigma**2).clamp(min=0).sqrt()  # out = sqrt(ᾱ_prev)·x0 + to_eps·eps + σ·z
+    a, b = _x0_coefficients(alpha_bar, prediction)
     if clip_x0 is None:
-        e1, e2 = (torch.zeros_like(ab), torch.ones_like(ab)) if prediction == "eps" else ((1 - ab).sqrt(), ab.sqrt())
-        g_x0 = ab_prev.sqrt() * g
+        if prediction == "eps":
+            e1, e2 = torch.zeros_like(alpha_bar), torch.ones_like(alpha_bar)
+        else:
+            e1, e2 = (1 - alpha_bar).sqrt(), alpha_bar.sqrt()
+        g_x0 = alpha_bar_prev.sqrt() * g
         return a * g_x0 + to_eps * e1 * g, b * g_x0 + to_eps * e2 * g, sigma * g
     # eps is recomputed from the clamped x0: eps = (x_t - sqrt(ᾱ)·x0) / sqrt(1 - ᾱ)
-    g_x0 = (ab_prev.sqrt() - to_eps * ab.sqrt() / (1 - ab).sqrt()) * g * _inside_clip(xf, mf, a, b, clip_x0)
-    return a * g_x0 + to_eps / (1 - ab).sqrt() * g, b * g_x0, sigma * g
+    g_x0 = (alpha_bar_prev.sqrt() - to_eps * alpha_bar.sqrt() / (1 - alpha_bar).sqrt()) * g
+    g_x0 = g_x0 * _inside_clip(xf, mf, a, b, clip_x0)
+    return a * g_x0 + to_eps / (1 - alpha_bar).sqrt() * g, b * g_x0, sigma * g
 
 
 __all__ = [
