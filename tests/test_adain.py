@@ -210,6 +210,17 @@ def test_config_fills_a_gpu(monkeypatch):
     assert 4 * (256 // 64) * kernels._chunking(64 * 64, nhwc)[1] >= 132
 
 
+def test_channels_last_rows_too_long_for_64_channels_take_fewer_on_chip(monkeypatch):
+    """The on-chip tile stays within GroupNorm's limits (its kernels compile spill-free there): 16×16 rows
+    in channels_last take 32 channels per program rather than 64; rows that fit no 16 channels split."""
+    monkeypatch.setattr(kernels, "_multiprocessors", lambda device: 132)
+    cpu = torch.device("cpu")
+    rows = kernels.choose_config(8, 512, 16 * 16, True, cpu)
+    assert not rows.split and rows.block_c == 32 and rows.block_c * rows.block_s <= 8192
+    assert kernels.choose_config(8, 512, 16 * 16, True, cpu, backward=True).block_c == 16
+    assert kernels.choose_config(8, 512, 32 * 32, True, cpu, backward=True).split
+
+
 # --------------------------------------------------------------------------------------------------
 # registration and a shape fuzz
 

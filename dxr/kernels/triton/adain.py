@@ -25,15 +25,18 @@ from dxr.kernels.triton import group_norm_silu as norm
 # the kernels' tile addressing, 64-bit (see its docstring)
 from dxr.kernels.triton.group_norm_silu import _tile_offsets  # noqa: F401
 
-# elements of one (BLOCK_C, BLOCK_S) tile kept on chip: the forward holds x, the backward x and dy
-_ON_CHIP_FWD = 16384
-_ON_CHIP_BWD = 8192
+# elements of one (BLOCK_C, BLOCK_S) tile kept on chip: GroupNorm's limits (the same kernels), within which
+# every warp count the autotuner keeps compiles without a spill
+_ON_CHIP_FWD = norm.ONCHIP_ELEMENTS["forward"]
+_ON_CHIP_BWD = norm.ONCHIP_ELEMENTS["backward"]
 # elements of one step of the split path's loop
 _LOOP_TILE = 4096
 # a program of short rows takes several of them, up to this many elements
 _MIN_TILE = 1024
-# channels per program in channels_last: 64 contiguous values make full-width memory transactions
+# channels per program in channels_last: 64 contiguous values make full-width memory transactions; an
+# on-chip tile of long rows takes fewer, down to 16 (32 bytes of half precision per pixel)
 _CL_BLOCK_C = 64
+_CL_MIN_BLOCK_C = 16
 # the apply kernels hold a (BLOCK_C, splits) tile of partials
 _PARTIALS_TILE = 4096
 _MAX_SPLITS = 512
@@ -85,12 +88,15 @@ def choose_config(n: int, c: int, s: int, channels_last: bool, device: torch.dev
     sms = _multiprocessors(device)
     s2 = triton.next_power_of_2(s)
     c2 = triton.next_power_of_2(c)
+    limit = _ON_CHIP_BWD if backward else _ON_CHIP_FWD
     if channels_last:
         block_c = min(c2, _CL_BLOCK_C)
+        while block_c > _CL_MIN_BLOCK_C and block_c * s2 > limit:
+            block_c //= 2
     else:
         block_c = min(c2, max(1, _MIN_TILE // s2))
     on_chip_rows = n * triton.cdiv(c, block_c)
-    fits = block_c * s2 <= (_ON_CHIP_BWD if backward else _ON_CHIP_FWD)
+    fits = block_c * s2 <= limit
     if channels_last:
         loop_c = min(c2, _CL_BLOCK_C)
         loop_s = min(s2, max(1, _LOOP_TILE // loop_c))
