@@ -235,6 +235,14 @@ def _pivots(x_ptr, g, g_mask, CPG, stride_c, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
+def _saved_stats(mean_ptr, rstd_ptr, rows, g_mask, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The forward's mean and rstd of the tile's groups (rows of the (N, G) buffers), per channel (·, 1)."""
+    mean = tl.load(mean_ptr + rows, mask=g_mask, other=0.0)
+    rstd = tl.load(rstd_ptr + rows, mask=g_mask, other=0.0)
+    return _spread(mean, BLOCK_G, BLOCK_C)[:, None], _spread(rstd, BLOCK_G, BLOCK_C)[:, None]
+
+
+@triton.jit
 def _channel_params(w_ptr, b_ptr, chan, c_mask, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
     """Weight and bias of the channels as float32: 1 and 0 where absent, 0 on padded lanes."""
     ones = c_mask.to(tl.float32)
@@ -523,8 +531,7 @@ def _bwd_onchip_kernel(
     s = tl.arange(0, BLOCK_S)
     offs = _tile_offsets(chan, s, stride_c, stride_s, CHANNELS_LAST)
     mask = c_mask[:, None] & (s < S)[None, :]
-    mean = _spread(tl.load(mean_ptr + n * G + g, mask=g_mask, other=0.0), BLOCK_G, BLOCK_C)[:, None]
-    rstd = _spread(tl.load(rstd_ptr + n * G + g, mask=g_mask, other=0.0), BLOCK_G, BLOCK_C)[:, None]
+    mean, rstd = _saved_stats(mean_ptr, rstd_ptr, n * G + g, g_mask, BLOCK_G, BLOCK_C)
     x = common.load_f32(x_ptr + base + offs, mask)
     dy = common.load_f32(dy_ptr + base + offs, mask)
     xhat = tl.where(mask, (x - mean) * rstd, 0.0)
@@ -577,8 +584,7 @@ def _bwd_partial_kernel(
     first = sp * TILES * BLOCK_S
     chan, c_mask = _channels(g0, cb * BLOCK_C, G, CPG, BLOCK_G, BLOCK_C, EVEN_C)
     g, g_mask = _groups(g0, G, BLOCK_G)
-    mean = _spread(tl.load(mean_ptr + n * G + g, mask=g_mask, other=0.0), BLOCK_G, BLOCK_C)[:, None]
-    rstd = _spread(tl.load(rstd_ptr + n * G + g, mask=g_mask, other=0.0), BLOCK_G, BLOCK_C)[:, None]
+    mean, rstd = _saved_stats(mean_ptr, rstd_ptr, n * G + g, g_mask, BLOCK_G, BLOCK_C)
     w, b = _channel_params(w_ptr + n * stride_wn, b_ptr + n * stride_wn, chan, c_mask, HAS_W, HAS_B)
     # tiles summed elementwise in the loop and reduced once after it: a reduction inside the loop makes
     # Triton 3.6's sm_90 pipeline fail (TritonGPUOptimizeThreadLocality) for narrow float32 tiles
@@ -642,8 +648,7 @@ def _bwd_apply_kernel(
     mean_g = _spread(tl.sum(tl.load(parts, mask=p_mask, other=0.0), axis=1) / count, BLOCK_G, BLOCK_C)[:, None]
     mean_gx = _spread(tl.sum(tl.load(parts + 1, mask=p_mask, other=0.0), axis=1) / count, BLOCK_G,
                       BLOCK_C)[:, None]
-    mean = _spread(tl.load(mean_ptr + n * G + g, mask=g_mask, other=0.0), BLOCK_G, BLOCK_C)[:, None]
-    rstd = _spread(tl.load(rstd_ptr + n * G + g, mask=g_mask, other=0.0), BLOCK_G, BLOCK_C)[:, None]
+    mean, rstd = _saved_stats(mean_ptr, rstd_ptr, n * G + g, g_mask, BLOCK_G, BLOCK_C)
 
     base = n.to(tl.int64) * stride_n
     chan, c_mask = _channels(g0, cb * BLOCK_C, G, CPG, BLOCK_G, BLOCK_C, EVEN_C)
